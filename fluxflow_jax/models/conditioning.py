@@ -1,0 +1,72 @@
+"""Conditioning blocks shared by the VAE expander and the flow processor."""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from fluxflow_jax.models.layers import Dense, layer_norm
+
+
+def split_heads(x: jax.Array, n_head: int) -> jax.Array:
+    """``[B, S, H*Dh] -> [B, H, S, Dh]`` with head-major channel order, as ``view(B,S,H,Dh)``."""
+    b, s, d = x.shape
+    return x.reshape(b, s, n_head, d // n_head).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x: jax.Array) -> jax.Array:
+    b, h, s, dh = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(b, s, h * dh)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Unmasked softmax attention on ``[B, H, S, Dh]`` heads (softmax in fp32)."""
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k) * scale
+    w = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bhkd->bhqd", w, v)
+
+
+class ContextAttentionMixer(nn.Module):
+    """Self-attention over a few context tokens with an optional learned CLS pooling token.
+
+    ``x [B, K, D] -> (pooled [B, D], tokens [B, K, D])``. Params: ``cls [1,1,D]`` (zeros),
+    ``q_proj/k_proj/v_proj/out_proj`` (xavier, zero bias), ``norm_in/norm_out``.
+    """
+
+    d_model: int
+    n_head: int = 4
+    use_cls: bool = True
+    dtype: Optional[jnp.dtype] = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        if self.d_model % self.n_head:
+            raise ValueError(f"ContextAttentionMixer: d_model {self.d_model} not divisible by "
+                             f"n_head {self.n_head}")
+        b = x.shape[0]
+        y = layer_norm("norm_in")(x)
+        if self.use_cls:
+            cls = self.param("cls", nn.initializers.zeros, (1, 1, self.d_model), jnp.float32)
+            y = jnp.concatenate([jnp.broadcast_to(cls.astype(y.dtype), (b, 1, self.d_model)), y], 1)
+        dense = lambda name: Dense(self.d_model, init="xavier", dtype=self.dtype, name=name)
+        q = split_heads(dense("q_proj")(y), self.n_head)
+        k = split_heads(dense("k_proj")(y), self.n_head)
+        v = split_heads(dense("v_proj")(y), self.n_head)
+        out = merge_heads(dot_product_attention(q, k, v))
+        out = layer_norm("norm_out")(dense("out_proj")(out))
+        if self.use_cls:
+            return out[:, 0], out[:, 1:]
+        return out.mean(axis=1), out
+
+
+def mixer_rule(path: tuple) -> Optional[tuple[str, str]]:
+    """Interop rule for a ContextAttentionMixer's own sub-path (after its module name)."""
+    if path == ("cls",):
+        return "cls", "plain"
+    mod, leaf = path[0], path[-1]
+    if mod.startswith("norm"):
+        return f"{mod}.{'weight' if leaf == 'scale' else 'bias'}", "plain"
+    return f"{mod}.{'weight' if leaf == 'kernel' else 'bias'}", "linear" if leaf == "kernel" else "plain"
