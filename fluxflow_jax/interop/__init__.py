@@ -1,2 +1,204 @@
-"""PyTorch-reference checkpoint import/export (see ``common`` for the engine)."""
+"""PyTorch-reference checkpoint import/export at the file level.
+
+The reference writes (``REFERENCE.md`` 1.8):
+  ``flxflow_final.safetensors``  ``diffuser.compressor.*``, ``diffuser.expander.*``, ``diffuser.flow_processor.*``
+  ``text_encoder.safetensors``   ``text_encoder.*``
+  ``D_img.safetensors``          ``D_img.*``
+Per-model key maps live in ``interop/{vae,flow,discriminator,text}.py``; the engine in ``common``.
+A model's config is inferred from the checkpoint's shapes, as the reference does.
+
+Our own "Flax param file" is a safetensors file of ``<model>/<flax/path>`` arrays whose metadata
+holds the model configs as JSON (no pickle).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import numpy as np
+from flax import traverse_util
+from safetensors.numpy import load_file, save_file
+
 from fluxflow_jax.interop.common import InteropError, count_params  # noqa: F401
+
+PathLike = Union[str, Path]
+
+# model name -> (file, key prefix, interop module, from_torch fn, to_torch fn)
+COMPONENTS: dict[str, tuple[str, str, str, str, str]] = {
+    "compressor": ("flxflow_final.safetensors", "diffuser.compressor.", "vae",
+                   "compressor_from_torch", "compressor_to_torch"),
+    "expander": ("flxflow_final.safetensors", "diffuser.expander.", "vae",
+                 "expander_from_torch", "expander_to_torch"),
+    "flow": ("flxflow_final.safetensors", "diffuser.flow_processor.", "flow",
+             "flow_from_torch", "flow_to_torch"),
+    "text_encoder": ("text_encoder.safetensors", "text_encoder.", "text",
+                     "text_from_torch", "text_to_torch"),
+    "discriminator": ("D_img.safetensors", "D_img.", "discriminator",
+                      "disc_from_torch", "disc_to_torch"),
+}
+FILES = ("flxflow_final.safetensors", "text_encoder.safetensors", "D_img.safetensors")
+FLAX_FORMAT = "fluxflow_jax.params.v1"
+
+
+def _fn(module: str, name: str):
+    return getattr(importlib.import_module(f"fluxflow_jax.interop.{module}"), name)
+
+
+def _strip(sd: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def read_state_dict(path: PathLike) -> dict[str, np.ndarray]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types
+        raise InteropError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def reference_files(path: PathLike) -> list[Path]:
+    """The reference checkpoint files at ``path`` (a directory or a single .safetensors file)."""
+    path = Path(path)
+    if path.is_dir():
+        files = [path / f for f in FILES if (path / f).exists()]
+        if not files:
+            raise FileNotFoundError(f"{path}: no reference checkpoint files ({', '.join(FILES)})")
+        return files
+    return [path]
+
+
+def load_reference(path: PathLike, models: Optional[set[str]] = None,
+                   configs: Optional[Mapping[str, Mapping]] = None
+                   ) -> dict[str, tuple[dict, dict]]:
+    """Read a reference checkpoint (file or directory) -> ``{model: (variables, config)}``.
+
+    ``models`` restricts which components are read (default: every component found).
+    ``configs`` may give a model's config; otherwise it is inferred from the shapes.
+    Components whose prefix is absent from the files are simply not returned.
+    """
+    sd: dict[str, np.ndarray] = {}
+    for f in reference_files(path):
+        sd.update(read_state_dict(f))
+    out = {}
+    for name, (_, prefix, module, from_fn, _) in COMPONENTS.items():
+        if models is not None and name not in models:
+            continue
+        part = _strip(sd, prefix)
+        if not part:
+            continue
+        cfg = (configs or {}).get(name)
+        try:
+            out[name] = _fn(module, from_fn)(part, None if cfg is None else dict(cfg))
+        except InteropError as e:
+            raise InteropError(f"{path} [{prefix}*]: {e}") from e
+    if models is not None and (missing := sorted(set(models) - set(out))):
+        raise InteropError(f"{path}: no weights for {missing} (looked for prefixes "
+                           f"{[COMPONENTS[m][1] for m in missing]})")
+    return out
+
+
+def to_reference_state_dicts(models: Mapping[str, tuple[Mapping, Mapping]]
+                             ) -> dict[str, dict[str, np.ndarray]]:
+    """``{model: (variables, config)}`` -> ``{file name: state dict}`` in the reference layout."""
+    files: dict[str, dict[str, np.ndarray]] = {}
+    for name, (variables, cfg) in models.items():
+        if name not in COMPONENTS:
+            raise KeyError(f"unknown model {name!r}; expected one of {sorted(COMPONENTS)}")
+        fname, prefix, module, _, to_fn = COMPONENTS[name]
+        sd = _fn(module, to_fn)(variables, dict(cfg))
+        files.setdefault(fname, {}).update(
+            {prefix + k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)
+                                              if np.asarray(v).dtype.kind == "f" else np.asarray(v))
+             for k, v in sd.items()})
+    return files
+
+
+def export_reference(out_dir: PathLike, models: Mapping[str, tuple[Mapping, Mapping]]) -> list[Path]:
+    """Write the reference's safetensors files into ``out_dir``; returns the paths written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fname, sd in to_reference_state_dicts(models).items():
+        tmp = out_dir / (fname + ".tmp")
+        save_file(sd, str(tmp), metadata={"format": "pt"})
+        tmp.replace(out_dir / fname)  # atomic: a crash never leaves half a file
+        written.append(out_dir / fname)
+    return written
+
+
+def save_flax_params(path: PathLike, models: Mapping[str, tuple[Mapping, Mapping]]) -> Path:
+    """Our own param file: ``<model>/<collection>/<path>`` arrays + JSON configs in metadata."""
+    path = Path(path)
+    arrays, configs = {}, {}
+    for name, (variables, cfg) in models.items():
+        configs[name] = dict(cfg)
+        for k, v in traverse_util.flatten_dict(_plain(variables), sep="/").items():
+            arrays[f"{name}/{k}"] = np.ascontiguousarray(np.asarray(v))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(arrays, str(tmp), metadata={"format": FLAX_FORMAT,
+                                          "configs": json.dumps(configs, default=_json_default)})
+    tmp.replace(path)
+    return path
+
+
+def load_flax_params(path: PathLike) -> dict[str, tuple[dict, dict]]:
+    """Inverse of :func:`save_flax_params`."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"param file not found: {path}")
+    with safe_open(str(path), "np") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != FLAX_FORMAT:
+        raise InteropError(f"{path}: not a fluxflow_jax param file (format={meta.get('format')!r}); "
+                           "for a PyTorch reference checkpoint use load_reference()")
+    configs = json.loads(meta["configs"])
+    flat = load_file(str(path))
+    out = {}
+    for name, cfg in configs.items():
+        sub = {k[len(name) + 1:]: v for k, v in flat.items() if k.startswith(name + "/")}
+        out[name] = (traverse_util.unflatten_dict(sub, sep="/"), cfg)
+    return out
+
+
+def is_flax_param_file(path: PathLike) -> bool:
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), "np") as f:
+            return (f.metadata() or {}).get("format") == FLAX_FORMAT
+    except Exception:
+        return False
+
+
+def load_any(path: PathLike, models: Optional[set[str]] = None) -> dict[str, tuple[dict, dict]]:
+    """A Flax param file or a reference checkpoint (file or directory)."""
+    if is_flax_param_file(path):
+        out = load_flax_params(path)
+        return {k: v for k, v in out.items() if models is None or k in models}
+    return load_reference(path, models)
+
+
+def _plain(tree: Any) -> Any:
+    if hasattr(tree, "unfreeze"):
+        tree = tree.unfreeze()
+    if isinstance(tree, Mapping):
+        return {k: _plain(v) for k, v in tree.items()}
+    return tree
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"not JSON serialisable: {o!r}")

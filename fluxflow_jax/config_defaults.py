@@ -1,0 +1,109 @@
+"""Building blocks for ``configs/*.py``: the defaults of a run, a model, a dataset and a stage.
+
+Config files compose these (``get_config(arg)``); all checking happens in
+``fluxflow_jax.pipeline.validate_config`` so every mistake is reported at once, each with its key.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import ml_collections as mlc
+
+# What a stage can train (the reference's mode flags, §3.1) and what can be frozen.
+TRAINABLE = ("vae", "reconstruction", "gan", "spade", "lpips", "flow", "text_encoder")
+MODEL_NAMES = ("compressor", "expander", "flow", "text_encoder", "discriminator")
+OPT_GROUPS = ("vae", "flow", "text_encoder", "discriminator")
+
+
+def model_config(size: str = "phase1") -> mlc.ConfigDict:
+    """Model sizes. ``phase1`` is the reference's training size (REFERENCE.md 1.9)."""
+    if size == "phase1":
+        m = dict(vae_dim=128, downscales=4, upscales=4, vae_attn_layers=4, vae_attn_heads=8,
+                 flow_dim=128, flow_layers=10, flow_heads=8, text_embedding_dim=1024,
+                 disc=dict(base_ch=64, depth=4),
+                 text=dict(vocab_size=30522, dim=768, n_layers=6, n_heads=12, hidden_dim=3072,
+                           max_position_embeddings=512, dropout=0.1, pooling="mean",
+                           freeze_backbone=False, pretrained_dir=""))
+    elif size == "tiny":  # CPU size: seconds per step on 2 cores
+        m = dict(vae_dim=16, downscales=4, upscales=4, vae_attn_layers=1, vae_attn_heads=2,
+                 flow_dim=32, flow_layers=2, flow_heads=2, text_embedding_dim=32,
+                 disc=dict(base_ch=8, depth=2),
+                 text=dict(vocab_size=0, dim=32, n_layers=1, n_heads=2, hidden_dim=64,
+                           max_position_embeddings=64, dropout=0.0, pooling="masked_mean",
+                           freeze_backbone=False, pretrained_dir=""))
+    else:
+        raise ValueError(f"model size must be 'phase1' or 'tiny', got {size!r}")
+    m.update(max_hw=1024, activation="bezier", remat=False, dtype="float32")
+    return mlc.ConfigDict(m)
+
+
+def dataset_config(type: str, **kw: Any) -> mlc.ConfigDict:
+    """A dataset entry (keys are checked by ``fluxflow_jax.data``)."""
+    return mlc.ConfigDict(dict(type=type, **kw))
+
+
+def optimizer(type: str, lr: float, **kw: Any) -> mlc.ConfigDict:
+    return mlc.ConfigDict(dict(type=type, lr=lr, **kw))
+
+
+def scheduler(type: str, **kw: Any) -> mlc.ConfigDict:
+    return mlc.ConfigDict(dict(type=type, **kw))
+
+
+def loss_config(**overrides: Any) -> mlc.ConfigDict:
+    """The reference's per-step loss fields (§3.3) with its defaults, plus the flow options."""
+    d = dict(kl_beta=1e-4, kl_warmup_steps=5000, kl_free_bits=0.0, mse_weight=0.1,
+             lambda_adv=0.5, lambda_lpips=0.1, lpips_weights="", r1_gamma=5.0, r1_interval=16,
+             adaptive_weights=True, color_stats_weight=0.05, hist_weight=0.02,
+             contrast_weight=0.1,
+             objective="flow_matching", timestep_sampling="logit_normal",
+             loss_weighting="uniform", cfg_dropout_prob=0.1, cfg_null="zeros")
+    unknown = sorted(set(overrides) - set(d))
+    if unknown:
+        raise KeyError(f"loss config: unknown key(s) {unknown}; known: {sorted(d)}")
+    d.update(overrides)
+    return mlc.ConfigDict(d)
+
+
+STAGE_DEFAULTS = dict(
+    name="", description="", epochs=0, steps=0, train=(), freeze=(), dataset="",
+    batch_size=0, grad_accum=1, ema_decay=0.0,
+    stop_metric="", stop_threshold=0.0, stop_window=20, stop_mode="below",
+    sample_prompts=(), sample_steps=20, guidance_scale=3.0, num_sample_images=4,
+)
+
+
+def stage(name: str, *, train: Sequence[str], optimizers: Optional[dict] = None,
+          schedulers: Optional[dict] = None, loss: Optional[dict] = None,
+          **kw: Any) -> mlc.ConfigDict:
+    """One pipeline stage. Unknown keyword keys are kept so the validator can name them."""
+    d = dict(STAGE_DEFAULTS)
+    d.update(name=name, train=tuple(train), **kw)
+    d["optimizers"] = mlc.ConfigDict({k: mlc.ConfigDict(v) for k, v in (optimizers or {}).items()})
+    d["schedulers"] = mlc.ConfigDict({k: mlc.ConfigDict(v) for k, v in (schedulers or {}).items()})
+    d["loss"] = loss_config(**(loss or {}))
+    return mlc.ConfigDict(d)
+
+
+def base_config() -> mlc.ConfigDict:
+    """Run-level defaults shared by every config."""
+    c = mlc.ConfigDict()
+    c.seed = 0
+    c.model = model_config("phase1")
+    c.tokenizer = "demo"  # a local tokenizer directory, or 'demo' for the embedded one
+    c.max_length = 128
+    c.datasets = mlc.ConfigDict()
+    c.default_dataset = ""
+    c.batch_size = 2  # global batch (all hosts and devices)
+    c.mesh = (("data", -1),)
+    c.sharding_rules = ()  # ((regex, spec), ...) on '/'-joined param paths; default replicate
+    c.stages = mlc.ConfigDict()
+    c.stage_order = ()
+    c.init_from = ""  # reference checkpoint (file/dir) or fluxflow_jax param file
+    c.log_interval = 10
+    c.checkpoint = mlc.ConfigDict(dict(interval_steps=500, interval_minutes=30.0, max_to_keep=3,
+                                       async_save=True))
+    c.samples = mlc.ConfigDict(dict(enabled=True, num_images=4, seed=1234))
+    c.plots = True
+    c.tensorboard = True
+    return c

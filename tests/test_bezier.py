@@ -1,0 +1,47 @@
+"""Bezier activation behaviour beyond the reference fixtures (those run in test_parity.py)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fluxflow_jax.models import bezier
+
+
+def test_bezier_rejects_channels_not_divisible_by_five():
+    with pytest.raises(ValueError, match="divisible by 5"):
+        bezier.bezier_activation(jnp.ones((2, 7)))
+
+
+def test_bezier_grouping_is_consecutive_channels():
+    # t=0 selects p0: with no t pre-activation, output f equals input channel 5f+1.
+    x = np.zeros((1, 10), np.float32)
+    x[0, 1], x[0, 6] = 3.0, -2.0
+    y = bezier.bezier_activation(jnp.asarray(x), None, None)
+    np.testing.assert_allclose(np.asarray(y), [[3.0, -2.0]])
+
+
+def test_bezier_endpoints_and_gradient():
+    # t -> 1 selects p3; gradient flows to every control point.
+    x = jnp.array([[1.0, 2.0, 3.0, 4.0, 5.0]])
+    np.testing.assert_allclose(bezier.bezier_activation(x, None, None), [[5.0]])
+    g = jax.grad(lambda v: bezier.bz_ss(v).sum())(jnp.linspace(-1, 1, 10).reshape(1, 10))
+    assert np.all(np.isfinite(g)) and np.count_nonzero(np.asarray(g)) == 10
+
+
+def test_unknown_pre_activation_raises():
+    with pytest.raises(ValueError, match="pre-activation"):
+        bezier.bezier_activation(jnp.ones((1, 5)), "softplus")
+
+
+@pytest.mark.parametrize("act", ["relu", "silu", "gelu"])
+def test_ablation_widths_and_activation(act):
+    assert bezier.act_width(8, "bezier") == 40
+    assert bezier.act_width(8, act) == 8
+    x = jnp.linspace(-2, 2, 16).reshape(2, 8)
+    np.testing.assert_allclose(np.asarray(bezier.apply_act(x, act)),
+                               np.asarray(bezier.STANDARD_ACTIVATIONS[act](x)))
+    tb = bezier.TrainableBezier(shape=(8,), activation=act)
+    v = tb.init(jax.random.key(0), x)
+    assert not v.get("params"), "ablated TrainableBezier must own no parameters"
+    with pytest.raises(ValueError, match="activation must be one of"):
+        bezier.act_width(8, "tanhh")
