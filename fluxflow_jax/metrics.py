@@ -1,0 +1,638 @@
+"""Training metrics: the reference's JSONL + session files, TensorBoard scalars, a console progress line.
+
+Files under the run's workdir ``W`` (stage ``s``; an empty stage gives the reference's legacy names):
+
+* ``W/graph/training_metrics_<s>.jsonl`` - one JSON object per logged step, in the reference's line
+  format ``{"timestamp", "session_id", "epoch", "batch", "global_step", "metrics": {...},
+  ["learning_rates": {...}], ["extras": {...}]}`` (the two optional keys are left out when empty, as
+  the reference does); NaN/Inf become ``null`` and the line is written with ``allow_nan=False``, so
+  every line is strict JSON.
+* ``W/graph/session_<s>.json`` - ``{session_id, created_at, resumed_count, last_update}``; re-opening a
+  stage's writer counts a resume (the reference has the counter but never increments it).
+* ``W/tb/<s>/events.out.tfevents.*`` - TensorBoard scalars through tensorboardX (no TensorFlow).
+
+``make_plots`` turns a stage's JSONL into the reference's PNG plots and text summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------
+# values
+# ----------------------------------------------------------------------------------------------------
+
+
+def to_python(value: Any, *, name: str = "value") -> Any:
+    """A metric value as a JSON-able Python scalar: jax/numpy scalars -> float/int, NaN/Inf -> None.
+
+    Calling this on a device array blocks until it is computed; the loop should call it only on the
+    steps it logs.
+    """
+    if value is None or isinstance(value, (str, bool)):
+        return value
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        return v if math.isfinite(v) else None
+    arr = np.asarray(value)
+    if arr.size != 1:
+        raise TypeError(f"metric '{name}' must be a scalar, got an array of shape {arr.shape}")
+    item = arr.reshape(()).item()
+    return to_python(item, name=name)
+
+
+def sanitize(values: Mapping[str, Any] | None, group: str) -> dict:
+    """A dict of metric values converted by ``to_python`` (errors name ``group/key``)."""
+    return {str(k): to_python(v, name=f"{group}/{k}") for k, v in (values or {}).items()}
+
+
+def _stage_suffix(stage: str | None) -> str:
+    return f"_{stage}" if stage else ""
+
+
+def metrics_path(workdir: str | Path, stage: str | None) -> Path:
+    return Path(workdir) / "graph" / f"training_metrics{_stage_suffix(stage)}.jsonl"
+
+
+def session_path(workdir: str | Path, stage: str | None) -> Path:
+    return Path(workdir) / "graph" / f"session{_stage_suffix(stage)}.json"
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """All valid JSON object lines of ``path`` (a torn last line from a crash is skipped, not fatal)."""
+    out = []
+    path = Path(path)
+    if not path.exists():
+        return out
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                log.warning("%s:%d: skipping a line that is not valid JSON", path, lineno)
+                continue
+            if isinstance(obj, dict):
+                out.append(obj)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# writer
+# ----------------------------------------------------------------------------------------------------
+
+
+def _now() -> str:
+    return datetime.now().isoformat()
+
+
+def _open_session(path: Path) -> dict:
+    """Create the session file, or count one more resume in an existing one."""
+    session = None
+    if path.exists():
+        try:
+            session = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, OSError) as e:
+            log.warning("session file %s unreadable (%s); starting a new session", path, e)
+    if isinstance(session, dict) and session.get("session_id"):
+        session["resumed_count"] = int(session.get("resumed_count", 0)) + 1
+        session["last_update"] = _now()
+    else:
+        session = {
+            "session_id": datetime.now().strftime("%Y%m%d_%H%M%S"),
+            "created_at": _now(),
+            "resumed_count": 0,
+            "last_update": _now(),
+        }
+    _write_json_atomic(path, session)
+    return session
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _tag(group: str, key: str) -> str:
+    """TensorBoard tag: namespaced names ('train/loss') stay, plain ones go under their group."""
+    return key if "/" in key else f"{group}/{key}"
+
+
+class MetricsWriter:
+    """Appends metric lines for one stage to JSONL (+ session file) and TensorBoard.
+
+    Only process 0 writes on multi-host runs (``active`` defaults to ``jax.process_index() == 0``);
+    on the other processes every method is a no-op.
+    """
+
+    def __init__(
+        self,
+        workdir: str | Path,
+        stage: str,
+        *,
+        tensorboard: bool = True,
+        active: bool | None = None,
+    ):
+        if active is None:
+            import jax
+
+            active = jax.process_index() == 0
+        self.active = bool(active)
+        self.workdir = Path(workdir)
+        self.stage = stage
+        self.path = metrics_path(workdir, stage)
+        self.session_file = session_path(workdir, stage)
+        self.session: dict = {}
+        self._file: TextIO | None = None
+        self._tb = None
+        if not self.active:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.session = _open_session(self.session_file)
+        self._file = open(self.path, "a", encoding="utf-8")
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            tb_dir = self.workdir / "tb" / (stage or "default")
+            self._tb = SummaryWriter(logdir=str(tb_dir), flush_secs=30)
+
+    @property
+    def session_id(self) -> str | None:
+        return self.session.get("session_id")
+
+    @property
+    def tb_dir(self) -> Path:
+        return self.workdir / "tb" / (self.stage or "default")
+
+    def write(
+        self,
+        step: int,
+        epoch: int,
+        batch: int,
+        metrics: Mapping[str, Any],
+        learning_rates: Mapping[str, Any] | None = None,
+        extras: Mapping[str, Any] | None = None,
+    ) -> dict:
+        """Append one line (and the TensorBoard scalars); returns the dict that was written."""
+        entry = {
+            "timestamp": _now(),
+            "session_id": self.session_id,
+            "epoch": int(epoch),
+            "batch": int(batch),
+            "global_step": int(step),
+            "metrics": sanitize(metrics, "metrics"),
+        }
+        lrs = sanitize(learning_rates, "learning_rates")
+        ext = sanitize(extras, "extras")
+        if lrs:
+            entry["learning_rates"] = lrs
+        if ext:
+            entry["extras"] = ext
+        if not self.active:
+            return entry
+        line = json.dumps(entry, allow_nan=False)
+        try:
+            self._file.write(line + "\n")
+            self._file.flush()  # the reference's default "immediate" policy: a crash loses no line
+        except OSError as e:
+            log.error("could not write metrics to %s: %s", self.path, e)
+            print(f"FALLBACK_METRIC: {line}", file=sys.stderr)
+        if self._tb is not None:
+            for group, values in (
+                ("metrics", metrics),
+                ("learning_rates", learning_rates),
+                ("extras", extras),
+            ):
+                for k, v in (values or {}).items():
+                    if isinstance(v, str) or v is None:
+                        continue
+                    # TensorBoard gets the raw float: a NaN should show up there as a NaN
+                    self._tb.add_scalar(
+                        _tag(group, str(k)), float(np.asarray(v)), global_step=int(step)
+                    )
+        return entry
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+        if self._tb is not None:
+            self._tb.flush()
+        if self.active and self.session:
+            self.session["last_update"] = _now()
+            _write_json_atomic(self.session_file, self.session)
+
+    def close(self) -> None:
+        if not self.active:
+            return
+        self.flush()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------------------------------
+# console
+# ----------------------------------------------------------------------------------------------------
+
+
+def format_duration(seconds: float | None) -> str:
+    """``H:MM:SS`` (hours unbounded); ``?`` when unknown."""
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    s = round(max(0.0, seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _fmt_value(v: Any) -> str:
+    try:
+        f = float(np.asarray(v))
+    except (TypeError, ValueError):
+        return str(v)
+    if f != 0.0 and (abs(f) < 1e-3 or abs(f) >= 1e4):
+        return f"{f:.3e}"
+    return f"{f:.4f}"
+
+
+class ProgressBar:
+    """One console progress line: count, rate (steps/s), ETA and the latest metrics.
+
+    On a TTY the line is redrawn in place (at most every ``refresh_s``); otherwise (log files, Colab
+    cell capture, batch jobs) a full line is printed every ``log_every_s`` seconds and at ``close``.
+    Metric values are kept as given and converted only when a line is rendered, so passing device
+    arrays every step does not force a host sync every step.
+    """
+
+    def __init__(
+        self,
+        total: int | None,
+        desc: str = "",
+        *,
+        initial: int = 0,
+        stream: TextIO | None = None,
+        tty: bool | None = None,
+        refresh_s: float = 0.2,
+        log_every_s: float = 30.0,
+        clock=time.monotonic,
+    ):
+        self.total = total
+        self.desc = desc
+        self.n = int(initial)
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = tty if tty is not None else bool(getattr(self.stream, "isatty", lambda: False)())
+        self.refresh_s = refresh_s
+        self.log_every_s = log_every_s
+        self._clock = clock
+        self._start = clock()
+        self._start_n = self.n
+        self._last_render = -math.inf
+        self._metrics: dict = {}
+        self._closed = False
+
+    @property
+    def rate(self) -> float | None:
+        """Steps per second since this bar started (steps before ``initial`` are not counted)."""
+        elapsed = self._clock() - self._start
+        done = self.n - self._start_n
+        return done / elapsed if elapsed > 0 and done > 0 else None
+
+    @property
+    def eta_seconds(self) -> float | None:
+        rate = self.rate
+        if self.total is None or rate is None:
+            return None
+        return max(0, self.total - self.n) / rate
+
+    def render(self) -> str:
+        parts = [self.desc] if self.desc else []
+        if self.total:
+            parts.append(f"{self.n}/{self.total} ({100.0 * self.n / self.total:.1f}%)")
+        else:
+            parts.append(f"{self.n}")
+        rate = self.rate
+        parts.append(f"{rate:.2f} steps/s" if rate is not None else "? steps/s")
+        parts.append(f"elapsed {format_duration(self._clock() - self._start)}")
+        if self.total:
+            parts.append(f"ETA {format_duration(self.eta_seconds)}")
+        line = " | ".join(parts)
+        if self._metrics:
+            line += " | " + " ".join(f"{k}: {_fmt_value(v)}" for k, v in self._metrics.items())
+        return line
+
+    def update(self, n: int = 1, **metrics: Any) -> None:
+        """Advance by ``n`` steps and remember ``metrics`` for display."""
+        self.n += int(n)
+        if metrics:
+            self._metrics.update(metrics)
+        now = self._clock()
+        interval = self.refresh_s if self.tty else self.log_every_s
+        finished = self.total is not None and self.n >= self.total
+        if now - self._last_render >= interval or finished:
+            self._emit()
+            self._last_render = now
+
+    def write(self, message: str) -> None:
+        """Print a message on its own line without breaking the progress line."""
+        if self.tty:
+            self.stream.write("\r\x1b[2K")
+        self.stream.write(message + "\n")
+        if self.tty:
+            self._emit()
+        self.stream.flush()
+
+    def _emit(self) -> None:
+        if self.tty:
+            self.stream.write("\r\x1b[2K" + self.render())
+        else:
+            self.stream.write(self.render() + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._emit()
+        if self.tty:
+            self.stream.write("\n")
+        self.stream.flush()
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------------------------------
+# plots
+# ----------------------------------------------------------------------------------------------------
+
+
+def _base(name: str) -> str:
+    return name.rsplit("/", 1)[-1].lower()
+
+
+def _series(entries: list[dict], group: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(global_step, value) pairs of one key, skipping nulls and non-numbers."""
+    xs, ys = [], []
+    for e in entries:
+        v = (e.get(group) or {}).get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            continue
+        step = e.get("global_step")
+        if not isinstance(step, (int, float)):
+            continue
+        xs.append(step)
+        ys.append(float(v))
+    return np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+
+
+def _keys(entries: list[dict], group: str) -> list[str]:
+    seen: dict[str, None] = {}
+    for e in entries:
+        for k in e.get(group) or {}:
+            seen.setdefault(k, None)
+    return list(seen)
+
+
+def _is_kl(name: str) -> bool:
+    b = _base(name)
+    return "kl" in b and "beta" not in b
+
+
+def _is_beta(name: str) -> bool:
+    b = _base(name)
+    return "beta" in b
+
+
+def _is_lr(name: str) -> bool:
+    b = _base(name)
+    return (
+        name.lower().startswith("learning/")
+        or b in ("lr", "learning_rate")
+        or b.startswith("lr_")
+        or b.endswith("_lr")
+    )
+
+
+def _is_time(name: str) -> bool:
+    return _base(name) in ("batch_time", "step_time", "time_per_step")
+
+
+class _Groups:
+    """Which series go into which plot, for any metric naming ('train/loss_recon' or 'vae_loss')."""
+
+    def __init__(self, entries: list[dict]):
+        self.entries = entries
+        mkeys = _keys(entries, "metrics")
+        self.losses = [("metrics", k) for k in mkeys if "loss" in _base(k) and not _is_kl(k)]
+        self.kl = [("metrics", k) for k in mkeys if _is_kl(k)]
+        self.beta = [("metrics", k) for k in mkeys if _is_beta(k)]
+        self.lrs = [("learning_rates", k) for k in _keys(entries, "learning_rates")]
+        self.lrs += [("metrics", k) for k in mkeys if _is_lr(k)]
+        times = [("extras", k) for k in _keys(entries, "extras") if _is_time(k)]
+        self.times = times + [("metrics", k) for k in mkeys if _is_time(k)]
+
+    def nonempty(self, series: list[tuple[str, str]]) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        out = []
+        for group, key in series:
+            x, y = _series(self.entries, group, key)
+            if x.size:
+                out.append((key, x, y))
+        return out
+
+
+def _set_log_y(ax, ys: Iterable[np.ndarray]) -> None:
+    """Log y when every value is positive; symlog otherwise (hinge/GAN losses can be negative)."""
+    allv = np.concatenate([np.asarray(y) for y in ys]) if ys else np.zeros(0)
+    if allv.size and np.all(allv > 0):
+        ax.set_yscale("log")
+    elif allv.size:
+        ax.set_yscale(
+            "symlog", linthresh=max(1e-6, float(np.min(np.abs(allv[allv != 0]), initial=1.0)))
+        )
+
+
+def _moving_average(y: np.ndarray, window: int) -> np.ndarray:
+    kernel = np.ones(window) / window
+    return np.convolve(y, kernel, mode="valid")
+
+
+def _plot_lines(ax, series, *, log_y: bool, title: str, ylabel: str) -> None:
+    for name, x, y in series:
+        ax.plot(x, y, label=name, linewidth=1.2, alpha=0.85)
+    if log_y:
+        _set_log_y(ax, [y for _, _, y in series])
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+
+
+def _plot_times(ax, series) -> None:
+    for name, x, y in series:
+        ax.plot(x, y, label=f"{name} (raw)", linewidth=0.8, alpha=0.4)
+        n = y.size
+        if n > 10:
+            w = max(1, min(50, n // 5))
+            ax.plot(
+                x[w - 1 :], _moving_average(y, w), label=f"{name} (moving avg, {w})", linewidth=2
+            )
+    ax.set_title("Batch times")
+    ax.set_ylabel("seconds")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+
+
+def _summary_text(entries: list[dict], stage: str, groups: _Groups) -> str:
+    lines = [f"Training summary - stage '{stage}'" if stage else "Training summary", "=" * 60]
+    sessions = sorted({str(e.get("session_id")) for e in entries if e.get("session_id")})
+    lines.append(f"Session: {', '.join(sessions) if sessions else '?'}")
+    stamps = []
+    for e in entries:
+        try:
+            stamps.append(datetime.fromisoformat(str(e.get("timestamp"))))
+        except ValueError:
+            pass
+    if stamps:
+        t0, t1 = min(stamps), max(stamps)
+        span = (t1 - t0).total_seconds()
+        lines.append(f"Time span: {t0.isoformat()} -> {t1.isoformat()} ({format_duration(span)})")
+    steps = [
+        e.get("global_step") for e in entries if isinstance(e.get("global_step"), (int, float))
+    ]
+    if steps:
+        lines.append(f"Global steps: {min(steps)} -> {max(steps)} ({len(entries)} log entries)")
+    lines.append("")
+    header = f"{'metric':<36}{'initial':>12}{'final':>12}{'min':>12}{'max':>12}{'mean':>12}{'std':>12}{'change':>10}"
+    for group in ("metrics", "learning_rates", "extras"):
+        keys = _keys(entries, group)
+        rows = []
+        for k in keys:
+            _, y = _series(entries, group, k)
+            if not y.size:
+                continue
+            change = f"{100.0 * (y[-1] - y[0]) / abs(y[0]):+.1f}%" if y[0] != 0 else "n/a"
+            rows.append(
+                f"{k[:35]:<36}{y[0]:>12.4g}{y[-1]:>12.4g}{y.min():>12.4g}{y.max():>12.4g}"
+                f"{y.mean():>12.4g}{y.std():>12.4g}{change:>10}"
+            )
+        if rows:
+            lines += [f"[{group}]", header, *rows, ""]
+    lrs = groups.nonempty(groups.lrs)
+    if lrs:
+        lines.append("Learning rates (initial -> final):")
+        lines += [f"  {name}: {y[0]:.3e} -> {y[-1]:.3e}" for name, _, y in lrs]
+    return "\n".join(lines) + "\n"
+
+
+def make_plots(workdir: str | Path, stage: str) -> list[Path]:
+    """Write the stage's plots and summary into ``W/graph/``; returns the files written.
+
+    Plots whose data is absent are skipped (a flow stage has no KL plot); no data at all -> ``[]``.
+    """
+    entries = read_jsonl(metrics_path(workdir, stage))
+    if not entries:
+        return []
+    # Figures built directly (no pyplot): no global backend switch, safe from a background thread.
+    from matplotlib.figure import Figure
+
+    out_dir = Path(workdir) / "graph"
+    prefix = f"{stage}_" if stage else ""
+    groups = _Groups(entries)
+    written: list[Path] = []
+
+    def save(fig, name: str) -> None:
+        path = out_dir / f"{prefix}{name}"
+        fig.tight_layout()
+        fig.savefig(path, dpi=150, bbox_inches="tight")
+        written.append(path)
+
+    losses = groups.nonempty(groups.losses)
+    kl = groups.nonempty(groups.kl)
+    beta = groups.nonempty(groups.beta)
+    lrs = groups.nonempty(groups.lrs)
+    times = groups.nonempty(groups.times)
+
+    if losses:
+        fig = Figure(figsize=(12, 6))
+        ax = fig.subplots()
+        _plot_lines(ax, losses, log_y=True, title="Training losses", ylabel="loss")
+        ax.set_xlabel("global step")
+        save(fig, "training_losses.png")
+
+    if kl:
+        fig = Figure(figsize=(12, 6))
+        ax = fig.subplots()
+        _plot_lines(ax, kl, log_y=True, title="KL divergence and beta", ylabel="KL")
+        if beta:
+            ax2 = ax.twinx()
+            for name, x, y in beta:
+                ax2.plot(x, y, "--", color="tab:green", label=name, linewidth=1.5)
+            ax2.set_ylabel("beta")
+            h1, l1 = ax.get_legend_handles_labels()
+            h2, l2 = ax2.get_legend_handles_labels()
+            ax.legend(h1 + h2, l1 + l2, loc="best", fontsize=8)
+        ax.set_xlabel("global step")
+        save(fig, "kl_loss.png")
+
+    if lrs:
+        fig = Figure(figsize=(12, 6))
+        ax = fig.subplots()
+        _plot_lines(ax, lrs, log_y=True, title="Learning rates", ylabel="learning rate")
+        ax.set_xlabel("global step")
+        save(fig, "learning_rates.png")
+
+    if times:
+        fig = Figure(figsize=(12, 6))
+        ax = fig.subplots()
+        _plot_times(ax, times)
+        ax.set_xlabel("global step")
+        save(fig, "batch_times.png")
+
+    panels = [p for p in (("losses", losses), ("kl", kl), ("lrs", lrs), ("times", times)) if p[1]]
+    if panels:
+        fig = Figure(figsize=(12, 3.5 * len(panels)))
+        axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)
+        for ax, (kind, series) in zip(axes[:, 0], panels):
+            if kind == "losses":
+                _plot_lines(ax, series, log_y=True, title="Losses", ylabel="loss")
+            elif kind == "kl":
+                _plot_lines(ax, series, log_y=True, title="KL", ylabel="KL")
+            elif kind == "lrs":
+                _plot_lines(ax, series, log_y=True, title="Learning rates", ylabel="lr")
+            else:
+                _plot_times(ax, series)
+        axes[-1, 0].set_xlabel("global step")
+        save(fig, "training_overview.png")
+
+    summary = out_dir / f"{prefix}training_summary.txt"
+    summary.write_text(_summary_text(entries, stage, groups), encoding="utf-8")
+    written.append(summary)
+    return written

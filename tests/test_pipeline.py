@@ -1,0 +1,217 @@
+"""The product: ``python -m fluxflow_jax.main`` end to end on the demo config at test size.
+
+Runs real subprocesses (as a user would), so signals and restarts are real. One uninterrupted
+run is shared by several checks; further runs are killed (SIGKILL / SIGTERM) and restarted.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from fluxflow_jax import interop
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ["configs/phase1.py", "configs/phase2.py", "configs/pipeline.py", "configs/demo.py"]
+DEMO = "configs/demo.py:test"
+pytestmark = pytest.mark.xdist_group("pipeline")
+
+
+def _env():
+    env = dict(os.environ)
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def _main_cmd(workdir, *extra, config=DEMO):
+    return [sys.executable, "-m", "fluxflow_jax.main", f"--config={config}",
+            f"--workdir={workdir}", *extra]
+
+
+def _run(workdir, *extra, config=DEMO, timeout=900):
+    p = subprocess.run(_main_cmd(workdir, *extra, config=config), cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=timeout)
+    return p
+
+
+def _start(workdir, *extra, log=None):
+    return subprocess.Popen(_main_cmd(workdir, *extra), cwd=ROOT, env=_env(),
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(pred, proc, timeout=600, what=""):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if pred():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended (rc={proc.returncode}) before {what}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _ckpt_steps(workdir, stage):
+    d = Path(workdir) / "checkpoints" / stage
+    if not d.exists():
+        return []
+    return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def _export_arrays(workdir):
+    out = {}
+    for stage_dir in sorted((Path(workdir) / "export").iterdir()):
+        for f in sorted(stage_dir.glob("*.safetensors")):
+            for k, v in load_file(str(f)).items():
+                out[f"{stage_dir.name}/{f.name}/{k}"] = v
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("demo_full")
+    p = _run(wd)
+    assert p.returncode == 0, f"demo run failed:\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}"
+    return wd
+
+
+@pytest.mark.parametrize("config", CONFIGS + [c + ":runlocal" for c in CONFIGS])
+def test_validate_prints_plan_for_every_shipped_config(config, tmp_path):
+    p = subprocess.run([sys.executable, "-m", "fluxflow_jax.main", f"--config={config}",
+                        "--validate"], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "PIPELINE PLAN" in p.stdout and "config OK" in p.stdout
+    assert "optimizer" in p.stdout and "dataset:" in p.stdout and "per device" in p.stdout
+
+
+def test_bad_config_reports_every_error_with_its_key():
+    from fluxflow_jax import pipeline
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("demo_cfg", ROOT / "configs/demo.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config("test")
+    c.stages.vae_warmup.train = ("vea",)
+    c.stages.vae_gan.optimizers.vae.lr = -1.0
+    c.stages.flow.dataset = "nope"
+    c.model.activation = "tanhh"
+    c.stages.flow.loss.objective = "ddim"
+    with pytest.raises(pipeline.ConfigError) as e:
+        pipeline.check_config(c)
+    msg = str(e.value)
+    for key in ("stages.vae_warmup.train", "stages.vae_gan.optimizers.vae", "stages.flow.dataset",
+                "model.activation", "stages.flow.loss.objective"):
+        assert key in msg, f"{key} missing from:\n{msg}"
+    assert len(e.value.errors) >= 5
+
+
+def test_misspelt_override_fails_loudly(tmp_path):
+    p = _run(tmp_path / "w", "--config.stages.vae_warmup.stpes=3", "--validate")
+    assert p.returncode != 0
+    assert "stpes" in (p.stderr + p.stdout)
+
+
+def test_demo_leaves_every_artifact(demo_run):
+    wd = demo_run
+    ps = json.loads((wd / "pipeline_state.json").read_text())
+    assert ps["finished"] == ["vae_warmup", "vae_gan", "flow"]
+    for stage in ps["finished"]:
+        assert _ckpt_steps(wd, stage), f"no checkpoint for {stage}"
+        lines = [json.loads(l) for l in (wd / "graph" / f"training_metrics_{stage}.jsonl")
+                 .read_text().splitlines()]
+        assert lines and {"timestamp", "session_id", "epoch", "batch", "global_step",
+                          "metrics"} <= set(lines[0])
+        assert (wd / "graph" / f"{stage}_training_losses.png").exists()
+        assert (wd / "stages" / stage / "params.safetensors").exists()
+    assert (wd / "export" / "vae_gan" / "D_img.safetensors").exists()
+    flow_export = wd / "export" / "flow"
+    for f in ("flxflow_final.safetensors", "text_encoder.safetensors"):
+        assert (flow_export / f).exists()
+    keys = load_file(str(flow_export / "flxflow_final.safetensors")).keys()
+    assert any(k.startswith("diffuser.flow_processor.") for k in keys)
+    assert any(k.endswith("rotary_pe.inv_freq") for k in keys)
+    samples = sorted(p.name for p in (wd / "samples").glob("*.png"))
+    assert any("recon" in s for s in samples) and any("_gen_" in s for s in samples)
+    assert any((wd / "tb").rglob("events.out.tfevents*"))
+    # global_step continues across stages
+    last_vae = json.loads((wd / "graph/training_metrics_vae_warmup.jsonl").read_text()
+                          .splitlines()[-1])["global_step"]
+    first_gan = json.loads((wd / "graph/training_metrics_vae_gan.jsonl").read_text()
+                           .splitlines()[0])["global_step"]
+    assert first_gan > last_vae
+
+
+def test_stage_export_loads_back_to_identical_params(demo_run):
+    wd = demo_run
+    ours = interop.load_flax_params(wd / "stages" / "flow" / "params.safetensors")
+    back = interop.load_reference(wd / "export" / "flow")
+    for name in ("compressor", "expander", "flow", "text_encoder"):
+        a = interop.common._flat(ours[name][0]["params"])
+        b = interop.common._flat(back[name][0]["params"])
+        assert a.keys() == b.keys(), name
+        for k in a:
+            np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=f"{name}{k}")
+
+
+def test_finished_stages_are_not_rerun(demo_run):
+    before = (demo_run / "pipeline_state.json").read_text()
+    p = _run(demo_run)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("already finished") == 3
+    assert json.loads(before)["finished"] == json.loads(
+        (demo_run / "pipeline_state.json").read_text())["finished"]
+
+
+def test_sigkill_mid_stage_then_resume_is_bit_identical(demo_run, tmp_path):
+    wd = tmp_path / "killed"
+    with open(tmp_path / "log1.txt", "w") as log:
+        proc = _start(wd, log=log)
+        _wait_for(lambda: 5 in _ckpt_steps(wd, "vae_gan"), proc, what="a vae_gan checkpoint")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    ps = json.loads((wd / "pipeline_state.json").read_text())
+    assert "vae_gan" not in ps["finished"]
+    p = _run(wd)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert "resumed from step" in p.stdout
+    a, b = _export_arrays(demo_run), _export_arrays(wd)
+    assert a.keys() == b.keys()
+    diff = [k for k in a if not np.array_equal(a[k], b[k])]
+    assert not diff, f"{len(diff)} tensors differ after resume, e.g. {diff[:5]}"
+
+
+def test_sigterm_saves_a_checkpoint_at_that_step(tmp_path):
+    wd = tmp_path / "term"
+    with open(tmp_path / "log.txt", "w") as log:
+        proc = _start(wd, "--config.checkpoint.interval_steps=1000", log=log)
+        metrics = wd / "graph" / "training_metrics_vae_warmup.jsonl"
+        _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 2, proc,
+                  what="two logged lines")
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+    assert rc == 0, (tmp_path / "log.txt").read_text()[-3000:]
+    steps = _ckpt_steps(wd, "vae_warmup")
+    assert steps, "SIGTERM left no checkpoint"
+    ps = json.loads((wd / "pipeline_state.json").read_text())
+    assert ps["last_stop"]["interrupted"] and ps["last_stop"]["step"] == steps[-1]
+    assert "vae_warmup" not in ps["finished"]
+
+
+def test_loss_threshold_stop_ends_stage_early(tmp_path):
+    wd = tmp_path / "stop"
+    p = _run(wd, "--config.stages.vae_warmup.stop_threshold=1e9",
+             "--config.stages.vae_warmup.stop_window=2",
+             "--config.stage_order=('vae_warmup',)")
+    assert p.returncode == 0, p.stderr[-4000:]
+    ps = json.loads((wd / "pipeline_state.json").read_text())
+    res = ps["results"]["vae_warmup"]
+    assert res["stopped_early"] and "vae_loss" in res["stopped_early"]
+    assert res["step"] < res["total_steps"]
