@@ -70,3 +70,20 @@ def mixer_rule(path: tuple) -> Optional[tuple[str, str]]:
     if mod.startswith("norm"):
         return f"{mod}.{'weight' if leaf == 'scale' else 'bias'}", "plain"
     return f"{mod}.{'weight' if leaf == 'kernel' else 'bias'}", "linear" if leaf == "kernel" else "plain"
+
+
+class GatedContextInjection(nn.Module):
+    """``x * sigmoid(gate(c)) + bias(c)``: a pooled context vector modulates every token.
+
+    ``x [B, T, D]``, ``context [B, C] -> [B, T, D]``. Submodules ``gate`` and ``bias`` are plain
+    Linears with torch's default init (the reference does not xavier-initialise this module).
+    """
+
+    target_dim: int
+    dtype: Optional[jnp.dtype] = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        g = jax.nn.sigmoid(Dense(self.target_dim, dtype=self.dtype, name="gate")(context))
+        b = Dense(self.target_dim, dtype=self.dtype, name="bias")(context)
+        return x * g[:, None, :] + b[:, None, :]
