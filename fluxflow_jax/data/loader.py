@@ -1,0 +1,72 @@
+"""``make_loader``: one entry point for every dataset type.
+
+The training loop sees a single protocol, whatever the source:
+
+* ``next(loader)`` -> host-local batch ``{'image': float32 [B_local, H, W, 3] in [-1, 1],
+  'input_ids': int32 [B_local, L], 'attention_mask': int32 [B_local, L]}`` (a latent cache
+  yields its stored arrays instead of 'image'); ``B_local = global_batch_size // process_count``;
+  H and W are multiples of 16 and shared by the batch; infinite over epochs.
+* ``loader.epoch``, ``loader.position``, ``loader.epoch_length`` (batches per epoch; None for a
+  stream without ``num_samples``).
+* ``loader.get_state()`` -> JSON-serialisable dict; ``loader.set_state(state)`` makes the loader
+  yield exactly the batches an uninterrupted loader would yield next.
+* ``loader.stats()`` -> counters for metrics (skipped samples per reason, ...).
+* ``loader.close()`` stops the worker threads.
+"""
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+from fluxflow_jax.data.config import content_fingerprint, dataset_name, resolve, to_plain
+
+MAP_TYPES = ("folder", "jsonl", "tfds", "shapes")
+
+
+def _process_info(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    return int(process_index), int(process_count)
+
+
+def make_loader(ds_cfg: Mapping, *, global_batch_size: int, seed: int, tokenizer,
+                process_index: int | None = None, process_count: int | None = None,
+                name: str = "train", max_length: int | None = None):
+    """Loader for one dataset config (see the module docstring for the protocol).
+
+    ``process_index``/``process_count`` default to ``jax.process_index()/process_count()``;
+    pass them explicitly to simulate hosts. ``name`` is the dataset's name in
+    ``config.datasets`` (``'train'`` or ``'datasets.train'``) and appears in every error message
+    and log line. ``max_length`` (the run's token length) overrides the dataset's own.
+    """
+    name = dataset_name(name)
+    plain = to_plain(ds_cfg)
+    if max_length is not None and isinstance(plain, dict):
+        plain = {**plain, "max_length": int(max_length)}
+    cfg = resolve(plain, name)
+    pi, pc = _process_info(process_index, process_count)
+    typ = cfg["type"]
+    if typ in MAP_TYPES:
+        from fluxflow_jax.data.map_loader import MapLoader
+        from fluxflow_jax.data.sources import make_source
+
+        source = make_source(cfg, name)
+        fp = content_fingerprint(cfg, source.fingerprint())
+        return MapLoader(cfg, source, name=name, global_batch_size=global_batch_size, seed=seed,
+                         tokenizer=tokenizer, process_index=pi, process_count=pc, fingerprint=fp)
+    if typ == "webdataset":
+        from fluxflow_jax.data.webdataset_loader import StreamLoader, expand_urls
+
+        fp = content_fingerprint(cfg, [os.path.basename(u) for u in expand_urls(cfg["urls"])])
+        return StreamLoader(cfg, name=name, global_batch_size=global_batch_size, seed=seed,
+                            tokenizer=tokenizer, process_index=pi, process_count=pc,
+                            fingerprint=fp)
+    if typ == "cache":
+        from fluxflow_jax.data.cache import CacheLoader
+
+        return CacheLoader(cfg, name=name, global_batch_size=global_batch_size, seed=seed,
+                           process_index=pi, process_count=pc)
+    raise AssertionError(typ)  # resolve() already rejected unknown types
