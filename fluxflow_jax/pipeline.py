@@ -118,9 +118,6 @@ def validate_config(config: Mapping) -> list[str]:
             errs.append(f"stage_order: {n!r} is not a key of config.stages {sorted(stages)}")
     if len(set(order)) != len(order):
         errs.append(f"stage_order: duplicate names in {order}")
-    for n in stages:
-        if n not in order:
-            errs.append(f"stages.{n}: defined but not listed in stage_order")
     if config.batch_size <= 0:
         errs.append(f"batch_size: must be > 0, got {config.batch_size}")
     if not config.datasets:
