@@ -38,3 +38,9 @@ def test_case_matches_reference(case):
     checks = _registry()
     assert component in checks, f"{case}: no parity check for component {component!r}"
     checks[component](case)
+
+
+@pytest.mark.parametrize("component", sorted(_registry()))
+def test_every_checked_component_has_a_case(component):
+    comps = {json.loads((c / "config.json").read_text())["component"] for c in _all_cases()}
+    assert component in comps, f"no fixture case for {component!r} in {parity_dir()}"
