@@ -23,7 +23,7 @@ def get_config(arg: str = ""):
         c.model = cd.model_config("tiny")
     c.datasets.coco = cd.dataset_config(
         "folder", image_folder="data/coco/images", captions_file="data/coco/captions.tsv",
-        resize_mode="bucket", max_size=512)
+        resize_mode="bucket", buckets="native", img_size=512)
     if runlocal:
         c.datasets.coco = cd.dataset_config("shapes", num_samples=256, img_size=64)
     c.default_dataset = "coco"

@@ -23,7 +23,7 @@ def get_config(arg: str = ""):
     else:
         c.datasets.main = cd.dataset_config(
             "folder", image_folder="data/images", captions_file="data/captions.tsv",
-            resize_mode="bucket", max_size=512)
+            resize_mode="bucket", buckets="native", img_size=512)
     c.default_dataset = "main"
     c.batch_size = 4 if runlocal else 8
     lion = lambda lr: cd.optimizer("Lion", lr, betas=(0.9, 0.95), weight_decay=0.01)

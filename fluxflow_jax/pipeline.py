@@ -220,7 +220,7 @@ def _validate_stage(config: Mapping, key: str, s: Mapping) -> list[str]:
     for g in groups:
         opt_cfg = stage_optimizer(s, g)
         try:
-            optim.make_optimizer(opt_cfg, stage_scheduler(s, g), max(1, s.steps or 1),
+            optim.make_optimizer(opt_cfg, stage_scheduler(s, g), int(s.steps) if s.steps else 10**9,
                                  name=f"{p}.optimizers.{g}")
         except (ValueError, KeyError, TypeError) as e:
             errs.append(f"{p}.optimizers.{g}/schedulers.{g}: {e}")
