@@ -65,6 +65,7 @@ class Stage:
     loader: Any
     rng: jax.Array
     rules: tuple = ()
+    max_length: int = 128
     state_shardings: Any = None
     step_fns: dict = dataclasses.field(default_factory=dict)
 
@@ -155,7 +156,8 @@ def build_stage(config: Mapping, name: str, *, with_data: bool = True) -> Stage:
                  tokenizer=tokenizer, mesh=mesh, txs={}, kinds=pipeline.step_kinds(s),
                  total_steps=total, epoch_length=epoch_length, global_batch=global_batch,
                  loader=loader, rng=rng,
-                 rules=tuple(tuple(r) for r in config.sharding_rules))
+                 rules=tuple(tuple(r) for r in config.sharding_rules),
+                 max_length=int(config.max_length))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,17 +179,24 @@ def initial_variables(config: Mapping, st: Stage, prev_params: Optional[Path]
             sources[k] = got[k]
         print(f"[{st.name}] initialised {sorted(missing & set(got))} from {config.init_from}",
               flush=True)
-    fresh, fresh_spectral = registry.init_params(
-        st.models, jax.random.fold_in(st.rng, 10_000), image_hw=(16 * 2, 16 * 2),
-        text_len=int(config.max_length))
+    init = lambda ms: registry.init_params(ms, jax.random.fold_in(st.rng, 10_000),
+                                           image_hw=(32, 32), text_len=int(config.max_length))
+    # Shapes of every model (no compute) to check loaded weights; real init only for new models.
+    shapes, _ = jax.eval_shape(lambda: init(st.models))
+    new = [n for n in st.models.names() if n not in sources]
+    fresh, fresh_spectral = init(dataclasses.replace(
+        st.models, **{n: None for n in st.models.names() if n in sources})) if new else ({}, {})
     params, spectral, carried = {}, {}, {}
     for n in st.models.names():
         if n in sources:
             variables = sources[n][0]
-            _check_same_shapes(fresh[n], variables["params"], n)
+            _check_same_shapes(shapes[n], variables["params"], n)
             params[n] = jax.tree.map(jnp.asarray, variables["params"])
             if n == "discriminator":
-                spectral = jax.tree.map(jnp.asarray, variables.get("spectral", fresh_spectral))
+                if "spectral" not in variables:
+                    raise interop.InteropError(f"weights for 'discriminator' lack its spectral-"
+                                               "norm state (u, v)")
+                spectral = jax.tree.map(jnp.asarray, variables["spectral"])
         else:
             params[n] = fresh[n]
             if n == "discriminator":
@@ -240,8 +249,15 @@ def make_step_fns(st: Stage) -> dict[str, Callable]:
     fns = {}
     makers = {"vae": steps_lib.make_vae_step, "disc": steps_lib.make_disc_step,
               "flow": steps_lib.make_flow_step}
-    for kind in st.kinds:
-        fns[kind] = makers[kind](st.models, st.txs[kind], loss_cfg, st.mesh, st.state_shardings)
+    frozen = tuple(sorted(set(st.models.names()) - pipeline.trained_models(st.cfg)))
+    for i, kind in enumerate(st.kinds):
+        # The last step of an iteration advances state.step (one increment per iteration).
+        extra = {}
+        if kind == "flow" and loss_cfg["cfg_null"] == "empty_prompt":
+            ids, mask = data_lib.tokenize(st.tokenizer, [""], int(st.max_length))
+            extra["null_prompt"] = {"input_ids": ids, "attention_mask": mask}
+        fns[kind] = makers[kind](st.models, st.txs[kind], loss_cfg, st.mesh, st.state_shardings,
+                                 frozen=frozen, advance_step=(i == len(st.kinds) - 1), **extra)
     return fns
 
 

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,12 +22,16 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["configs/phase1.py", "configs/phase2.py", "configs/pipeline.py", "configs/demo.py"]
 DEMO = "configs/demo.py:test"
 pytestmark = pytest.mark.xdist_group("pipeline")
+# One compilation cache for this module's runs: the first run compiles, the restarts reuse it
+# (the same executables, so the bit-identical comparisons also hold across the cache).
+CACHE = tempfile.mkdtemp(prefix="fluxflow_jax_test_xla_")
 
 
 def _env():
     env = dict(os.environ)
     env.setdefault("JAX_PLATFORMS", "cpu")
     env["PYTHONUNBUFFERED"] = "1"
+    env["FLUXFLOW_JAX_CACHE"] = CACHE
     env.pop("XLA_FLAGS", None)
     return env
 
