@@ -40,6 +40,18 @@ COMPONENTS: dict[str, tuple[str, str, str, str, str]] = {
 }
 FILES = ("flxflow_final.safetensors", "text_encoder.safetensors", "D_img.safetensors")
 FLAX_FORMAT = "fluxflow_jax.params.v1"
+CONFIG_META = "fluxflow_jax.configs"
+
+
+def _stored_configs(path: Path) -> dict[str, dict]:
+    """Model configs an export of ours stored in the safetensors metadata ({} otherwise)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "np") as f:
+            meta = f.metadata() or {}
+        return json.loads(meta.get(CONFIG_META, "{}"))
+    except Exception:
+        return {}
 
 
 def _fn(module: str, name: str):
@@ -81,8 +93,11 @@ def load_reference(path: PathLike, models: Optional[set[str]] = None,
     Components whose prefix is absent from the files are simply not returned.
     """
     sd: dict[str, np.ndarray] = {}
+    stored: dict[str, dict] = {}
     for f in reference_files(path):
         sd.update(read_state_dict(f))
+        stored.update(_stored_configs(f))
+    configs = {**stored, **dict(configs or {})}
     out = {}
     for name, (_, prefix, module, from_fn, _) in COMPONENTS.items():
         if models is not None and name not in models:
@@ -124,7 +139,11 @@ def export_reference(out_dir: PathLike, models: Mapping[str, tuple[Mapping, Mapp
     written = []
     for fname, sd in to_reference_state_dicts(models).items():
         tmp = out_dir / (fname + ".tmp")
-        save_file(sd, str(tmp), metadata={"format": "pt"})
+        # Our configs ride along as metadata (the reference ignores it): some settings, e.g. the
+        # text encoder's head count, cannot be inferred from tensor shapes.
+        cfgs = {n: dict(c) for n, (_, c) in models.items() if COMPONENTS[n][0] == fname}
+        save_file(sd, str(tmp), metadata={"format": "pt", CONFIG_META: json.dumps(
+            cfgs, default=_json_default)})
         tmp.replace(out_dir / fname)  # atomic: a crash never leaves half a file
         written.append(out_dir / fname)
     return written
