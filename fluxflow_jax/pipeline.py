@@ -118,6 +118,8 @@ def validate_config(config: Mapping) -> list[str]:
             errs.append(f"stage_order: {n!r} is not a key of config.stages {sorted(stages)}")
     if len(set(order)) != len(order):
         errs.append(f"stage_order: duplicate names in {order}")
+    if config.rng_impl not in ("threefry2x32", "rbg", "unsafe_rbg"):
+        errs.append(f"rng_impl: {config.rng_impl!r} not in ('threefry2x32', 'rbg', 'unsafe_rbg')")
     if config.batch_size <= 0:
         errs.append(f"batch_size: must be > 0, got {config.batch_size}")
     if not config.datasets:

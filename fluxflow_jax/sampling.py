@@ -140,7 +140,8 @@ class SampleMaker:
             ids, mask = tokenize(self.st.tokenizer, self.prompts, int(self.config.max_length))
             self._empty = tokenize(self.st.tokenizer, [""], int(self.config.max_length))
             imgs = self._gen(params, jnp.asarray(ids), jnp.asarray(mask),
-                             jax.random.key(int(self.config.samples.seed)))
+                             jax.random.key(int(self.config.samples.seed),
+                                            impl=self.config.rng_impl))
             p = self.out / f"{self.st.name}_gen_step{step:06d}.png"
             evaluate.save_grid(np.asarray(imgs), p, nrow=len(self.prompts), captions=self.prompts)
             written.append(p)

@@ -151,7 +151,7 @@ def build_stage(config: Mapping, name: str, *, with_data: bool = True) -> Stage:
             max_length=int(config.max_length), name=f"datasets.{ds_name}")
         epoch_length = getattr(loader, "epoch_length", None)
     total = stage_duration(s, epoch_length, name) if with_data or s.steps else int(s.steps)
-    rng = jax.random.fold_in(jax.random.key(int(config.seed)), index)
+    rng = jax.random.fold_in(jax.random.key(int(config.seed), impl=config.rng_impl), index)
     return Stage(name=name, index=index, cfg=s, model_cfg=model_cfg, models=models,
                  tokenizer=tokenizer, mesh=mesh, txs={}, kinds=pipeline.step_kinds(s),
                  total_steps=total, epoch_length=epoch_length, global_batch=global_batch,

@@ -24,7 +24,7 @@ DEMO = "configs/demo.py:test"
 pytestmark = pytest.mark.xdist_group("pipeline")
 # One compilation cache for this module's runs: the first run compiles, the restarts reuse it
 # (the same executables, so the bit-identical comparisons also hold across the cache).
-CACHE = tempfile.mkdtemp(prefix="fluxflow_jax_test_xla_")
+CACHE = os.environ.get("FLUXFLOW_JAX_TEST_CACHE") or tempfile.mkdtemp(prefix="fluxflow_jax_test_xla_")
 
 
 def _env():
@@ -87,14 +87,34 @@ def demo_run(tmp_path_factory):
     return wd
 
 
+def _load_config(spec):
+    import importlib.util
+    path, _, arg = spec.partition(":")
+    mod_spec = importlib.util.spec_from_file_location("cfg_under_test", ROOT / path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod.get_config(arg)
+
+
 @pytest.mark.parametrize("config", CONFIGS + [c + ":runlocal" for c in CONFIGS])
-def test_validate_prints_plan_for_every_shipped_config(config, tmp_path):
-    p = subprocess.run([sys.executable, "-m", "fluxflow_jax.main", f"--config={config}",
-                        "--validate"], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                       timeout=300)
+def test_every_shipped_config_is_valid_and_has_a_plan(config):
+    from fluxflow_jax import pipeline
+    c = _load_config(config)
+    assert pipeline.validate_config(c) == []
+    plan = pipeline.describe_plan(c)
+    for name in c.stage_order:
+        assert name in plan
+    assert "optimizer" in plan and "dataset:" in plan and "per device" in plan
+
+
+def test_validate_flag_prints_the_plan_and_trains_nothing(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "fluxflow_jax.main", "--config=configs/pipeline.py",
+                        "--validate", f"--workdir={tmp_path / 'w'}"], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "PIPELINE PLAN" in p.stdout and "config OK" in p.stdout
-    assert "optimizer" in p.stdout and "dataset:" in p.stdout and "per device" in p.stdout
+    assert "Stage 3/3: flow_training" in p.stdout
+    assert not (tmp_path / "w").exists()
 
 
 def test_bad_config_reports_every_error_with_its_key():
