@@ -9,7 +9,7 @@ Images are mapped from [-1, 1] to [0, 255] correctly (§10.15).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp

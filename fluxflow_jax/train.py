@@ -13,7 +13,6 @@ reproduces the uninterrupted run bit for bit on the CPU.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import signal
 import time
@@ -194,7 +193,7 @@ def initial_variables(config: Mapping, st: Stage, prev_params: Optional[Path]
             params[n] = jax.tree.map(jnp.asarray, variables["params"])
             if n == "discriminator":
                 if "spectral" not in variables:
-                    raise interop.InteropError(f"weights for 'discriminator' lack its spectral-"
+                    raise interop.InteropError("weights for 'discriminator' lack its spectral-"
                                                "norm state (u, v)")
                 spectral = jax.tree.map(jnp.asarray, variables["spectral"])
         else:
