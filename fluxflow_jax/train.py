@@ -498,4 +498,7 @@ def train_stage(config: Mapping, name: str, workdir: Path,
               flush=True)
     writer.close()
     checkpointer.close()
+    close = getattr(st.loader, "close", None)
+    if close is not None:  # stop the decode threads before the next stage builds its own
+        close()
     return result
