@@ -69,7 +69,7 @@ def load_weights(module: torch.nn.Module, path: str, prefix: str) -> None:
     sd = {k[len(prefix):]: torch.from_numpy(np.ascontiguousarray(v))
           for k, v in load_file(path).items() if k.startswith(prefix)}
     missing, unexpected = module.load_state_dict(sd, strict=False)
-    # The reference builds a few things our export omits only if it is a bug; fail loudly.
+    # Any key mismatch means the two sides do not build the same model: stop, naming the keys.
     if missing or unexpected:
         raise RuntimeError(f"{type(module).__name__} weights from {path} [{prefix}*]: missing "
                            f"{missing[:8]}{'...' if len(missing) > 8 else ''}, unexpected "

@@ -1,14 +1,18 @@
 """fluxflow_jax vs the PyTorch reference: training-step time of the same models on this CPU.
 
-    python benchmarks/vs_reference.py                               # default cases, ~4 min on 2 cores
+    python benchmarks/vs_reference.py                      # default cases, ~3.5 min on 2 cores
     python benchmarks/vs_reference.py --cases vae16,flow --steps 10
-    python benchmarks/vs_reference.py --ref_src /tmp/refsrc --torch_python /tmp/refvenv/bin/python
+    python benchmarks/vs_reference.py --cases disc --dynamics 300   # + training dynamics (~10 min)
 
-The reference runs in its own torch environment (``--torch_python``) through
-``benchmarks/_torch_worker.py``, importing the model files of the exported reference sources
-(``--ref_src``: ``core/src`` and ``training/src`` of fluxflow-core / fluxflow-training, e.g.
-``git -C <mirror> archive HEAD | tar -x -C /tmp/refsrc/core``). Neither is a dependency of
-this package.
+The reference runs in its own torch environment (``--torch_python``, default
+/tmp/refvenv/bin/python) through ``benchmarks/_torch_worker.py``, which imports the model (and
+trainer) files of the exported reference sources (``--ref_src``, default /tmp/refsrc). Neither
+is a dependency of this package. Setting them up:
+
+    python3 -m venv /tmp/refvenv && /tmp/refvenv/bin/pip install torch numpy safetensors einops
+    mkdir -p /tmp/refsrc/core /tmp/refsrc/training
+    git -C <fluxflow-core clone> archive HEAD | tar -x -C /tmp/refsrc/core
+    git -C <fluxflow-training clone> archive HEAD | tar -x -C /tmp/refsrc/training
 
 For every case both sides train *the same model from the same weights*: fluxflow_jax
 initialises it, the weights go to the worker in the reference's state-dict layout
@@ -33,6 +37,12 @@ its posterior sample).
 The reference's gradient checkpointing (VAE: on by default, flow: always on) recomputes
 forwards in backward; ``--ref_grad_ckpt`` turns the VAE's on (default off, the reference's
 fastest setting). Results: a table on stdout and ``benchmarks/results/vs_reference.json``.
+
+``--dynamics N`` also trains the demo config's VAE warm-up stage for N steps on both sides from
+the same weights on the same shapes batches (ours: the engine's optimizer factory and VAE step;
+the reference: its own ``VAETrainer.train_step``) and prints both reconstruction-loss curves;
+``--dynamics_loss '{"adaptive_weights": true}'`` changes a loss setting on both sides (that one
+restores the reference's default, which the demo config turns off).
 """
 from __future__ import annotations
 
