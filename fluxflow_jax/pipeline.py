@@ -378,6 +378,10 @@ def run(config: Mapping, workdir: str | os.PathLike) -> dict:
         pstate["finished"].append(name)
         pstate.setdefault("results", {})[name] = result
         pstate["current"] = None
+        if result.get("stop_requested"):
+            pstate["last_stop"] = {**result, "interrupted": True}
+            write_pipeline_state(workdir, pstate)
+            return pstate
         write_pipeline_state(workdir, pstate)
         prev_params = stage_params_path(workdir, name)
     return pstate

@@ -479,8 +479,11 @@ def train_stage(config: Mapping, name: str, workdir: Path,
                 save(False, "interval")
                 if samples is not None:
                     samples.make(state, step)
+        late_signal = controls.signal is not None and not result.get("interrupted")
     pbar.close()
     writer.flush()
+    if late_signal:  # arrived after the last poll: finish this stage, then stop the pipeline
+        result["stop_requested"] = True
     if not result.get("interrupted"):
         save(True, stopped or "end of stage")
         checkpointer.wait_until_finished()

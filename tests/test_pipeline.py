@@ -216,7 +216,9 @@ def test_sigkill_mid_stage_then_resume_is_bit_identical(demo_run, tmp_path):
 def test_sigterm_saves_a_checkpoint_at_that_step(tmp_path):
     wd = tmp_path / "term"
     with open(tmp_path / "log.txt", "w") as log:
-        proc = _start(wd, "--config.checkpoint.interval_steps=1000", log=log)
+        # A long first stage, so the signal lands mid-stage however warm the compile cache is.
+        proc = _start(wd, "--config.checkpoint.interval_steps=1000",
+                      "--config.stages.vae_warmup.steps=100000", log=log)
         metrics = wd / "graph" / "training_metrics_vae_warmup.jsonl"
         _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 2, proc,
                   what="two logged lines")
