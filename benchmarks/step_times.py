@@ -29,6 +29,7 @@ import numpy as np
 
 from fluxflow_jax import optim, sharding, steps
 from fluxflow_jax.models import registry
+from fluxflow_jax.state import create_train_state
 
 TEXT = {"vocab_size": 1000, "max_position_embeddings": 64, "dropout": 0.0, "pooling": "mean",
         "freeze_backbone": False}
@@ -90,8 +91,8 @@ def bench_size(name: str, batch: int, n_steps: int, bf16: bool, remat: bool) -> 
     txs = {k: optim.make_optimizer(optim.default_optimizer_config(g), None, 10_000,
                                    name=f"optimizers.{g}") for k, g in GROUP.items()}
     mesh = sharding.make_mesh()
-    state = steps.make_train_state(models, params, spectral, txs, ema=False)
-    sh = steps.state_shardings(state, mesh)
+    state = create_train_state(params, txs, spectral=spectral)
+    sh = sharding.tree_shardings(state, mesh)
     state = jax.device_put(state, sh)
     r = np.random.default_rng(0)
     host = {"image": r.uniform(-1, 1, (batch, hw, hw, 3)).astype(np.float32),

@@ -342,7 +342,7 @@ def run_dynamics(args, tmp: Path) -> dict:
     loss_cfg = dict(loss, train_reconstruction=True, use_gan=False, use_spade=False,
                     use_lpips=False, ema_decay=0.0, train_text_encoder=False)
     mesh = sharding.make_mesh()
-    sh = steps_lib.state_shardings(state, mesh)
+    sh = sharding.tree_shardings(state, mesh)
     state = jax.device_put(state, sh)
     step = steps_lib.make_vae_step(models, txs["vae"], loss_cfg, mesh, sh, advance_step=True)
     ours = []

@@ -34,6 +34,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from fluxflow_jax.sharding import path_str
+
 PyTree = Any
 
 
@@ -44,19 +46,6 @@ class CheckpointMismatchError(ValueError):
 # ----------------------------------------------------------------------------------------------------
 # pytree helpers
 # ----------------------------------------------------------------------------------------------------
-
-
-def _key_str(entry: Any) -> str:
-    """One path entry as the name Orbax uses for it (dict key, attribute or sequence index)."""
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
-
-
-def path_str(path: tuple) -> str:
-    """A pytree path as ``a.b.0.c`` - the same spelling for namedtuples, dataclasses and dicts."""
-    return ".".join(_key_str(e) for e in path)
 
 
 def _is_typed_key(x: Any) -> bool:
@@ -119,11 +108,11 @@ def check_compatible(target: PyTree, stored_metadata: PyTree, *, where: str = "c
     ``target`` is the (already key-encoded) restore target, ``stored_metadata`` the Orbax metadata
     tree of the stored item (leaves carry ``.shape``).
     """
-    tgt = {path_str(p): _shape_of(v) for p, v in jax.tree_util.tree_flatten_with_path(target)[0]}
+    tgt = {path_str(p, "."): _shape_of(v) for p, v in jax.tree_util.tree_flatten_with_path(target)[0]}
     stored_leaves = jax.tree_util.tree_flatten_with_path(
         stored_metadata, is_leaf=lambda x: hasattr(x, "shape") and not isinstance(x, dict)
     )[0]
-    stored = {path_str(p): tuple(v.shape) if v.shape is not None else () for p, v in stored_leaves}
+    stored = {path_str(p, "."): tuple(v.shape) if v.shape is not None else () for p, v in stored_leaves}
     missing = sorted(set(tgt) - set(stored))
     unexpected = sorted(set(stored) - set(tgt))
     misshaped = sorted(k for k in set(tgt) & set(stored) if tgt[k] != stored[k])

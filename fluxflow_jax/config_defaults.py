@@ -1,7 +1,7 @@
 """Building blocks for ``configs/*.py``: the defaults of a run, a model, a dataset and a stage.
 
 Config files compose these (``get_config(arg)``); all checking happens in
-``fluxflow_jax.pipeline.validate_config`` so every mistake is reported at once, each with its key.
+``fluxflow_jax.stages.validate_config`` so every mistake is reported at once, each with its key.
 """
 from __future__ import annotations
 
@@ -9,10 +9,7 @@ from typing import Any, Optional, Sequence
 
 import ml_collections as mlc
 
-# What a stage can train (the reference's mode flags, §3.1) and what can be frozen.
-TRAINABLE = ("vae", "reconstruction", "gan", "spade", "lpips", "flow", "text_encoder")
-MODEL_NAMES = ("compressor", "expander", "flow", "text_encoder", "discriminator")
-OPT_GROUPS = ("vae", "flow", "text_encoder", "discriminator")
+from fluxflow_jax import losses
 
 
 def model_config(size: str = "phase1") -> mlc.ConfigDict:
@@ -51,13 +48,8 @@ def scheduler(type: str, **kw: Any) -> mlc.ConfigDict:
 
 
 def loss_config(**overrides: Any) -> mlc.ConfigDict:
-    """The reference's per-step loss fields (§3.3) with its defaults, plus the flow options."""
-    d = dict(kl_beta=1e-4, kl_warmup_steps=5000, kl_free_bits=0.0, mse_weight=0.1,
-             lambda_adv=0.5, lambda_lpips=0.1, lpips_weights="", r1_gamma=5.0, r1_interval=16,
-             adaptive_weights=True, color_stats_weight=0.05, hist_weight=0.02,
-             contrast_weight=0.1,
-             objective="flow_matching", timestep_sampling="logit_normal",
-             loss_weighting="uniform", cfg_dropout_prob=0.1, cfg_null="zeros")
+    """A stage's ``loss`` block: every key of ``losses.LOSS_SCHEMA`` with its default."""
+    d = losses.loss_defaults()
     unknown = sorted(set(overrides) - set(d))
     if unknown:
         raise KeyError(f"loss config: unknown key(s) {unknown}; known: {sorted(d)}")
@@ -67,7 +59,7 @@ def loss_config(**overrides: Any) -> mlc.ConfigDict:
 
 STAGE_DEFAULTS = dict(
     name="", description="", epochs=0, steps=0, train=(), freeze=(), dataset="",
-    batch_size=0, grad_accum=1, ema_decay=0.0,
+    batch_size=0, grad_accum=1, ema_decay=0.0, ema_warmup=False,
     stop_metric="", stop_threshold=0.0, stop_window=20, stop_mode="below",
     sample_prompts=(), sample_steps=20, guidance_scale=3.0, num_sample_images=4,
 )

@@ -18,10 +18,84 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# ---------------------------------------------------------------------------------------------
+# the loss schema: every key a stage's ``loss`` block accepts, defined once
+
+
+class LossKey(NamedTuple):
+    """One loss setting: its default, the rule a value must satisfy, and what it does."""
+
+    default: Any
+    doc: str
+    choices: tuple = ()  # allowed values (empty: any value passing ``check``)
+    check: Callable[[Any], bool] | None = None
+    rule: str = ""  # the check in words, for error messages
+
+
+_NONNEG = {"check": lambda v: isinstance(v, (int, float)) and v >= 0, "rule": ">= 0"}
+_BOOL = {"check": lambda v: isinstance(v, bool), "rule": "a bool"}
+TIMESTEP_MODES = ("uniform", "logit_normal", "content", "style", "balanced")
+
+LOSS_SCHEMA: dict[str, LossKey] = {
+    # VAE (REFERENCE.md 3.3 defaults)
+    "kl_beta": LossKey(1e-4, "final KL weight beta (cosine warm-up from 0)", **_NONNEG),
+    "kl_warmup_steps": LossKey(5000, "steps of the stage over which beta warms up", **_NONNEG),
+    "kl_free_bits": LossKey(0.0, "free nats per latent element before KL counts", **_NONNEG),
+    "sample_posterior": LossKey(True, "sample z ~ q(z|x) (False: z = mu, a deterministic "
+                                "encoder - learns much faster early on)", **_BOOL),
+    "mse_weight": LossKey(0.1, "weight of MSE beside the L1 reconstruction term", **_NONNEG),
+    "adaptive_weights": LossKey(True, "balance recon/KL/GAN by their running means (the "
+                                "reference's rule; can pin the VAE at the mean image)", **_BOOL),
+    "color_stats_weight": LossKey(0.05, "per-channel mean/std matching weight", **_NONNEG),
+    "hist_weight": LossKey(0.02, "soft colour-histogram loss weight", **_NONNEG),
+    "contrast_weight": LossKey(0.1, "local contrast loss weight", **_NONNEG),
+    "lambda_lpips": LossKey(0.1, "LPIPS weight (stages with 'lpips' in train)", **_NONNEG),
+    "lpips_weights": LossKey("", "our LPIPS weights file (python -m fluxflow_jax.convert lpips)",
+                             check=lambda v: isinstance(v, str), rule="a path string"),
+    # GAN
+    "lambda_adv": LossKey(0.5, "generator hinge-loss weight", **_NONNEG),
+    "r1_gamma": LossKey(5.0, "R1 penalty weight on real images", **_NONNEG),
+    "r1_interval": LossKey(16, "apply R1 every n discriminator steps (lazy R1)",
+                           check=lambda v: isinstance(v, int) and v >= 1, rule="an int >= 1"),
+    # flow
+    "objective": LossKey("flow_matching", "flow matching, or the reference's v-prediction DDPM",
+                         choices=("flow_matching", "v_prediction")),
+    "timestep_sampling": LossKey("logit_normal", "how training draws t", choices=TIMESTEP_MODES),
+    "loss_weighting": LossKey("uniform", "per-sample weight of the flow loss over t",
+                              choices=("uniform", "bell_shaped")),
+    "cfg_dropout_prob": LossKey(0.1, "probability of dropping the text (classifier-free "
+                                "guidance training)",
+                                check=lambda v: isinstance(v, (int, float)) and 0 <= v < 1,
+                                rule="in [0, 1)"),
+    "cfg_null": LossKey("zeros", "the dropped text: zero embedding or the empty prompt's",
+                        choices=("zeros", "empty_prompt")),
+}
+
+
+def loss_defaults() -> dict[str, Any]:
+    """Every loss key with its default."""
+    return {k: v.default for k, v in LOSS_SCHEMA.items()}
+
+
+def loss_errors(cfg: Mapping[str, Any], prefix: str = "loss") -> list[str]:
+    """Problems of a ``loss`` block as ``'<prefix>.<key>: <problem>'`` lines (empty when valid)."""
+    errs = [f"{prefix}.{k}: unknown key (known: {sorted(LOSS_SCHEMA)})"
+            for k in cfg if k not in LOSS_SCHEMA]
+    for k, spec in LOSS_SCHEMA.items():
+        if k not in cfg:
+            continue
+        v = cfg[k]
+        if spec.choices and v not in spec.choices:
+            errs.append(f"{prefix}.{k}: {v!r} not in {spec.choices}")
+        elif spec.check is not None and not spec.check(v):
+            errs.append(f"{prefix}.{k}: must be {spec.rule}, got {v!r}")
+    return errs
 
 # ---------------------------------------------------------------------------------------------
 # reconstruction
@@ -242,8 +316,6 @@ def loss_history_averages(hist: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # flow matching (x_t = t*x1 + (1-t)*x0, x0 noise, x1 data, target x1 - x0)
-
-TIMESTEP_MODES = ("uniform", "logit_normal", "content", "style", "balanced")
 
 
 def sample_timesteps(rng: jax.Array, batch: int, mode: str = "uniform", *, mean: float = 0.0,

@@ -11,8 +11,12 @@ from __future__ import annotations
 import os
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+# Importing the package touches no device, so jax.distributed can still be initialised first.
+from fluxflow_jax import pipeline, stages
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
@@ -42,7 +46,6 @@ def _multiprocess_env() -> bool:
 
 def maybe_initialize_distributed(mode: str) -> bool:
     """Initialise multi-host JAX first thing (before any device use). Returns whether it did."""
-    import jax
     if mode == "on" or (mode == "auto" and _multiprocess_env()):
         jax.distributed.initialize()
         return True
@@ -52,7 +55,6 @@ def maybe_initialize_distributed(mode: str) -> bool:
 def enable_compilation_cache(path: str) -> None:
     """Persist compiled executables across processes (same HLO -> same executable, so resumed
     runs stay bit-identical; a preempted job restarts in seconds instead of recompiling)."""
-    import jax
     if not path or path.lower() == "none":
         return
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
@@ -66,16 +68,15 @@ def main(argv) -> int:
         logging.set_verbosity(logging.WARNING)
     maybe_initialize_distributed(FLAGS.distributed)
     enable_compilation_cache(FLAGS.compilation_cache)
-    from fluxflow_jax import pipeline  # imports jax devices only after distributed init
     config = FLAGS.config
     if config is None:
         raise app.UsageError("--config is required (e.g. --config=configs/demo.py)")
-    errors = pipeline.validate_config(config)
+    errors = stages.validate_config(config)
     if errors:
-        print(pipeline.ConfigError(errors), file=sys.stderr)
+        print(stages.ConfigError(errors), file=sys.stderr)
         return 2
     if FLAGS.validate:
-        print(pipeline.describe_plan(config))
+        print(stages.describe_plan(config))
         print("config OK")
         return 0
     if not FLAGS.workdir:

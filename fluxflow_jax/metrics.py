@@ -11,7 +11,7 @@ Files under the run's workdir ``W`` (stage ``s``; an empty stage gives the refer
   stage's writer counts a resume (the reference has the counter but never increments it).
 * ``W/tb/<s>/events.out.tfevents.*`` - TensorBoard scalars through tensorboardX (no TensorFlow).
 
-Plots of a stage's JSONL: ``fluxflow_jax.plots.make_plots`` (re-exported here).
+Plots of a stage's JSONL: ``fluxflow_jax.plots.make_plots``.
 """
 
 from __future__ import annotations
@@ -389,8 +389,21 @@ class ProgressBar:
         self.close()
 
 
-# Plots live in their own module; re-exported here for callers of the metrics API.
-def make_plots(workdir, stage):  # noqa: D401 - thin forwarder
-    """See :func:`fluxflow_jax.plots.make_plots`."""
-    from fluxflow_jax.plots import make_plots as _make_plots
-    return _make_plots(workdir, stage)
+# Our namespaced metric names -> the reference's JSONL names (REFERENCE.md §7).
+REFERENCE_NAMES = {
+    "train/loss_recon": "vae_loss", "train/kl": "kl_loss", "train/kl_beta": "kl_beta",
+    "train/loss_g": "generator_loss", "train/loss_d": "discriminator_loss",
+    "train/lpips": "lpips_loss", "train/loss_flow": "flow_loss",
+    "train/color_stats": "color_stats", "train/hist": "hist_loss",
+    "train/contrast": "contrast_loss",
+}
+
+
+def reference_metric_names(metrics: Mapping[str, float]) -> dict[str, float]:
+    """Metrics keyed by both our names and the reference's JSONL names."""
+    out = {}
+    for k, v in metrics.items():
+        if k.startswith("learning/"):
+            continue
+        out[REFERENCE_NAMES.get(k, k.split("/", 1)[-1])] = v
+    return out

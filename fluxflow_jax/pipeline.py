@@ -1,387 +1,51 @@
 """Runs ``config.stages`` in ``config.stage_order``: the reference's multi-step pipeline without its crashes.
 
 Resume: ``W/pipeline_state.json`` lists finished stages (never re-run); a stage's own Orbax
-checkpoints (``W/checkpoints/<stage>``) resume it mid-way; a finished stage's final weights are
-``W/stages/<stage>/params.safetensors`` (the next stage starts from them) and its exports
-``W/export/<stage>/`` in the reference layout.
+checkpoints resume it mid-way; a finished stage's final weights are the next stage's start (paths:
+``workdir.py``). What a stage means and whether a config is valid: ``stages.py``.
 """
 from __future__ import annotations
 
-import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping, Optional
 
 import jax
-import ml_collections as mlc
 
-from fluxflow_jax import config_defaults as cd
-
-LOSS_CHOICES = {
-    "objective": ("flow_matching", "v_prediction"),
-    "timestep_sampling": ("uniform", "logit_normal", "content", "style", "balanced"),
-    "loss_weighting": ("uniform", "bell_shaped"),
-    "cfg_null": ("zeros", "empty_prompt"),
-}
-STOP_MODES = ("below", "above")
-
-
-class ConfigError(ValueError):
-    """Every problem of a config, one per line, each naming its key."""
-
-    def __init__(self, errors: list[str]):
-        self.errors = list(errors)
-        super().__init__("invalid config:\n  - " + "\n  - ".join(self.errors))
-
-
-# ----------------------------------------------------------------------------------------------
-# What a stage trains
-# ----------------------------------------------------------------------------------------------
-
-def trained_models(stage: Mapping) -> set[str]:
-    """Models whose parameters a stage updates."""
-    t = set(stage.train)
-    out = set()
-    if t & {"vae", "reconstruction", "spade"}:
-        out |= {"compressor", "expander"}
-    if "gan" in t:
-        out |= {"discriminator"}
-    if "flow" in t:
-        out |= {"flow"}
-    if "text_encoder" in t:
-        out |= {"text_encoder"}
-    return out - set(stage.freeze)
-
-
-def needed_models(stage: Mapping) -> set[str]:
-    """Models a stage needs to exist (trained or used frozen)."""
-    t = set(stage.train)
-    out = set()
-    if t & {"vae", "reconstruction", "spade", "gan", "lpips"}:
-        out |= {"compressor", "expander"}
-    if "gan" in t:
-        out.add("discriminator")
-    if t & {"flow", "text_encoder"}:
-        out |= {"compressor", "expander", "flow", "text_encoder"}
-    return out
-
-
-def step_kinds(stage: Mapping) -> list[str]:
-    """Which step functions run per iteration, in order (D before G as the reference does)."""
-    t = set(stage.train)
-    kinds = []
-    if "gan" in t:
-        kinds.append("disc")
-    if t & {"vae", "reconstruction", "spade", "gan", "lpips"}:
-        kinds.append("vae")
-    if t & {"flow", "text_encoder"}:
-        kinds.append("flow")
-    return kinds
-
-
-def optimizer_groups(stage: Mapping) -> list[str]:
-    """Optimizer groups a stage needs: one per trained model group."""
-    tm = trained_models(stage)
-    groups = []
-    if tm & {"compressor", "expander"}:
-        groups.append("vae")
-    if "discriminator" in tm:
-        groups.append("discriminator")
-    if "flow" in tm:
-        groups.append("flow")
-    if "text_encoder" in tm:
-        groups.append("text_encoder")
-    return groups
-
-
-def stage_names(config: Mapping) -> list[str]:
-    return list(config.stage_order)
-
-
-def dataset_name(config: Mapping, stage: Mapping) -> str:
-    return stage.dataset or config.default_dataset
-
-
-# ----------------------------------------------------------------------------------------------
-# Validation: collect everything, then raise once
-# ----------------------------------------------------------------------------------------------
-
-def validate_config(config: Mapping) -> list[str]:
-    """All problems of a config as ``'<key>: <problem>'`` strings (empty when valid)."""
-    errs: list[str] = []
-    order = list(config.stage_order)
-    stages = config.stages
-    if not order:
-        errs.append("stage_order: no stages (give the names of config.stages to run, in order)")
-    for n in order:
-        if n not in stages:
-            errs.append(f"stage_order: {n!r} is not a key of config.stages {sorted(stages)}")
-    if len(set(order)) != len(order):
-        errs.append(f"stage_order: duplicate names in {order}")
-    if config.rng_impl not in ("threefry2x32", "rbg", "unsafe_rbg"):
-        errs.append(f"rng_impl: {config.rng_impl!r} not in ('threefry2x32', 'rbg', 'unsafe_rbg')")
-    if config.batch_size <= 0:
-        errs.append(f"batch_size: must be > 0, got {config.batch_size}")
-    if not config.datasets:
-        errs.append("datasets: no datasets defined")
-    if config.default_dataset and config.default_dataset not in config.datasets:
-        errs.append(f"default_dataset: {config.default_dataset!r} not in datasets "
-                    f"{sorted(config.datasets)}")
-    errs += _validate_model(config.model)
-    errs += _validate_datasets(config)
-    if config.tokenizer not in ("", "demo") and not Path(config.tokenizer).is_dir():
-        errs.append(f"tokenizer: {config.tokenizer!r} is neither 'demo' nor a local directory")
-    if config.init_from and not Path(config.init_from).exists():
-        errs.append(f"init_from: {config.init_from!r} does not exist")
-    for n in stages:
-        errs += _validate_stage(config, n, stages[n])
-    return errs
-
-
-def check_config(config: Mapping) -> None:
-    errs = validate_config(config)
-    if errs:
-        raise ConfigError(errs)
-
-
-def _validate_model(m: Mapping) -> list[str]:
-    from fluxflow_jax.models.bezier import ACTIVATIONS
-    errs = []
-    for k in ("vae_dim", "downscales", "upscales", "vae_attn_heads", "flow_dim", "flow_layers",
-              "flow_heads", "text_embedding_dim", "max_hw"):
-        if m[k] <= 0:
-            errs.append(f"model.{k}: must be > 0, got {m[k]}")
-    if m.vae_attn_heads > 0 and m.vae_dim % m.vae_attn_heads:
-        errs.append(f"model.vae_attn_heads: {m.vae_attn_heads} does not divide vae_dim {m.vae_dim}")
-    if m.flow_heads > 0 and m.flow_dim % (2 * m.flow_heads):
-        errs.append(f"model.flow_heads: 2*{m.flow_heads} does not divide flow_dim {m.flow_dim} "
-                    "(RoPE needs an even head size)")
-    if m.activation not in ACTIVATIONS:
-        errs.append(f"model.activation: {m.activation!r} not in {ACTIVATIONS}")
-    if m.dtype not in ("float32", "bfloat16"):
-        errs.append(f"model.dtype: {m.dtype!r} not in ('float32', 'bfloat16')")
-    if m.text.pretrained_dir and not Path(m.text.pretrained_dir).is_dir():
-        errs.append(f"model.text.pretrained_dir: {m.text.pretrained_dir!r} is not a directory")
-    if m.text.pooling not in ("mean", "masked_mean"):
-        errs.append(f"model.text.pooling: {m.text.pooling!r} not in ('mean', 'masked_mean')")
-    return errs
-
-
-def _validate_datasets(config: Mapping) -> list[str]:
-    errs = []
-    try:
-        from fluxflow_jax.data import validate_dataset_config
-    except ImportError:  # data package without a validator: checked when the loader is built
-        return errs
-    for name in config.datasets:
-        errs += validate_dataset_config(config.datasets[name], name=f"datasets.{name}")
-    return errs
-
-
-def _validate_stage(config: Mapping, key: str, s: Mapping) -> list[str]:
-    from fluxflow_jax import optim
-    p = f"stages.{key}"
-    errs = []
-    known = set(cd.STAGE_DEFAULTS) | {"optimizers", "schedulers", "loss"}
-    for k in s:
-        if k not in known:
-            errs.append(f"{p}.{k}: unknown key (known: {sorted(known)})")
-    if s.name and s.name != key:
-        errs.append(f"{p}.name: {s.name!r} differs from its key {key!r}")
-    train = list(s.train)
-    if not train:
-        errs.append(f"{p}.train: empty; choose from {cd.TRAINABLE}")
-    for t in train:
-        if t not in cd.TRAINABLE:
-            errs.append(f"{p}.train: unknown entry {t!r}; choose from {cd.TRAINABLE}")
-    if train and set(train) <= {"lpips"}:
-        errs.append(f"{p}.train: 'lpips' alone trains nothing (add 'vae')")
-    if s.epochs <= 0 and s.steps <= 0:
-        errs.append(f"{p}: set epochs or steps > 0 (got epochs={s.epochs}, steps={s.steps})")
-    if s.epochs < 0 or s.steps < 0:
-        errs.append(f"{p}: epochs/steps must be >= 0")
-    for f in s.freeze:
-        if f not in cd.MODEL_NAMES:
-            errs.append(f"{p}.freeze: unknown model {f!r}; choose from {cd.MODEL_NAMES}")
-    direct = trained_models(mlc.ConfigDict({"train": tuple(train), "freeze": ()}))
-    for f in s.freeze:
-        if f in direct:
-            errs.append(f"{p}.freeze: {f!r} is frozen but the stage trains it (train={train})")
-    groups = optimizer_groups(s) if not errs else []
-    for g in s.optimizers:
-        if g not in cd.OPT_GROUPS:
-            errs.append(f"{p}.optimizers.{g}: unknown group; choose from {cd.OPT_GROUPS}")
-        elif groups and g not in groups:
-            errs.append(f"{p}.optimizers.{g}: the stage does not train this group "
-                        f"(trained groups: {groups})")
-    for g in s.schedulers:
-        if g not in cd.OPT_GROUPS:
-            errs.append(f"{p}.schedulers.{g}: unknown group; choose from {cd.OPT_GROUPS}")
-        elif groups and g not in groups:
-            errs.append(f"{p}.schedulers.{g}: no optimizer group {g!r} in this stage")
-    for g in groups:
-        opt_cfg = stage_optimizer(s, g)
-        try:
-            optim.make_optimizer(opt_cfg, stage_scheduler(s, g), int(s.steps) if s.steps else 10**9,
-                                 name=f"{p}.optimizers.{g}")
-        except (ValueError, KeyError, TypeError) as e:
-            errs.append(f"{p}.optimizers.{g}/schedulers.{g}: {e}")
-    ds = dataset_name(config, s)
-    if not ds:
-        errs.append(f"{p}.dataset: no dataset and no default_dataset")
-    elif ds not in config.datasets:
-        errs.append(f"{p}.dataset: {ds!r} not in datasets {sorted(config.datasets)}")
-    if s.batch_size < 0:
-        errs.append(f"{p}.batch_size: must be >= 0 (0 = config.batch_size)")
-    if s.grad_accum < 1:
-        errs.append(f"{p}.grad_accum: must be >= 1, got {s.grad_accum}")
-    if not 0.0 <= s.ema_decay < 1.0:
-        errs.append(f"{p}.ema_decay: must be in [0, 1), got {s.ema_decay}")
-    if s.stop_mode not in STOP_MODES:
-        errs.append(f"{p}.stop_mode: {s.stop_mode!r} not in {STOP_MODES}")
-    if s.stop_window <= 0:
-        errs.append(f"{p}.stop_window: must be > 0, got {s.stop_window}")
-    loss = s.loss
-    for k, choices in LOSS_CHOICES.items():
-        if loss[k] not in choices:
-            errs.append(f"{p}.loss.{k}: {loss[k]!r} not in {choices}")
-    if not 0.0 <= loss.cfg_dropout_prob < 1.0:
-        errs.append(f"{p}.loss.cfg_dropout_prob: must be in [0, 1), got {loss.cfg_dropout_prob}")
-    if loss.kl_beta < 0 or loss.kl_free_bits < 0:
-        errs.append(f"{p}.loss: kl_beta and kl_free_bits must be >= 0")
-    if loss.r1_interval < 1:
-        errs.append(f"{p}.loss.r1_interval: must be >= 1, got {loss.r1_interval}")
-    if "lpips" in train and loss.lpips_weights and not Path(loss.lpips_weights).is_file():
-        errs.append(f"{p}.loss.lpips_weights: {loss.lpips_weights!r} is not a file")
-    if "flow" in train and s.sample_steps <= 0:
-        errs.append(f"{p}.sample_steps: must be > 0")
-    return errs
-
-
-def stage_optimizer(stage: Mapping, group: str) -> dict:
-    """The stage's optimizer config for a group, or the reference default for that group."""
-    from fluxflow_jax import optim
-    if group in stage.optimizers:
-        return dict(stage.optimizers[group])
-    return dict(optim.default_optimizer_config(group))
-
-
-def stage_scheduler(stage: Mapping, group: str) -> Optional[dict]:
-    """Only explicitly configured schedules (the reference's rule); None = constant lr."""
-    return dict(stage.schedulers[group]) if group in stage.schedulers else None
-
-
-# ----------------------------------------------------------------------------------------------
-# The plan (--validate)
-# ----------------------------------------------------------------------------------------------
-
-def describe_plan(config: Mapping) -> str:
-    """Human-readable stage plan: models trained/frozen, optimizers, schedules, durations, data, devices."""
-    n_dev = jax.device_count()
-    lines = ["PIPELINE PLAN",
-             f"  devices: {n_dev} x {jax.devices()[0].platform} over {jax.process_count()} host(s); "
-             f"mesh {tuple(tuple(a) for a in config.mesh)}",
-             f"  model: vae_dim={config.model.vae_dim} flow_dim={config.model.flow_dim} "
-             f"flow_layers={config.model.flow_layers} text_dim={config.model.text_embedding_dim} "
-             f"activation={config.model.activation} dtype={config.model.dtype}",
-             f"  init_from: {config.init_from or '(none: new models are created)'}"]
-    for i, name in enumerate(config.stage_order, 1):
-        s = config.stages[name]
-        bs = s.batch_size or config.batch_size
-        per_dev = bs / n_dev
-        dur = []
-        if s.steps:
-            dur.append(f"{s.steps} steps")
-        if s.epochs:
-            dur.append(f"{s.epochs} epochs")
-        lines.append(f"Stage {i}/{len(config.stage_order)}: {name}" +
-                     (f" - {s.description}" if s.description else ""))
-        lines.append(f"  trains: {sorted(trained_models(s)) or '-'}  (train={list(s.train)})")
-        frozen = sorted(needed_models(s) - trained_models(s))
-        lines.append(f"  frozen: {frozen or '-'}")
-        lines.append(f"  steps per iteration: {' -> '.join(step_kinds(s))}")
-        for g in optimizer_groups(s):
-            o = stage_optimizer(s, g)
-            sch = stage_scheduler(s, g)
-            extra = {k: v for k, v in o.items() if k not in ("type", "lr")}
-            lines.append(f"  optimizer {g}: {o.get('type')} lr={o.get('lr')} {extra or ''}".rstrip())
-            lines.append(f"  schedule  {g}: {dict(sch) if sch else 'constant'}")
-        lines.append(f"  duration: {' / '.join(dur)} (whichever ends first)" if len(dur) == 2
-                     else f"  duration: {dur[0] if dur else '?'}")
-        ds = dataset_name(config, s)
-        dcfg = config.datasets.get(ds) if ds in config.datasets else None
-        lines.append(f"  dataset: {ds} ({dcfg.type if dcfg else '?'})")
-        lines.append(f"  batch: global {bs}, per device {per_dev:g}, grad_accum {s.grad_accum}")
-        if s.stop_metric:
-            lines.append(f"  stop when mean of last {s.stop_window} '{s.stop_metric}' is "
-                         f"{s.stop_mode} {s.stop_threshold}")
-        if s.ema_decay:
-            lines.append(f"  EMA decay {s.ema_decay} (used for samples and export)")
-        if "flow" in s.train:
-            lines.append(f"  objective: {s.loss.objective}, t-sampling {s.loss.timestep_sampling}, "
-                         f"cfg dropout {s.loss.cfg_dropout_prob}")
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------
-# Running
-# ----------------------------------------------------------------------------------------------
-
-def _state_path(workdir: Path) -> Path:
-    return workdir / "pipeline_state.json"
-
-
-def read_pipeline_state(workdir: Path) -> dict:
-    p = _state_path(workdir)
-    if p.exists():
-        return json.loads(p.read_text())
-    return {"finished": [], "current": None}
-
-
-def write_pipeline_state(workdir: Path, state: Mapping) -> None:
-    if jax.process_index() != 0:
-        return
-    p = _state_path(workdir)
-    tmp = p.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, p)
-
-
-def stage_params_path(workdir: Path, stage: str) -> Path:
-    return workdir / "stages" / stage / "params.safetensors"
+from fluxflow_jax import stages, train
+from fluxflow_jax import workdir as wd
 
 
 def run(config: Mapping, workdir: str | os.PathLike) -> dict:
     """Run every unfinished stage in order. Returns the pipeline state (finished stages, stops)."""
-    from fluxflow_jax import train
-    check_config(config)
+    stages.check_config(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    pstate = read_pipeline_state(workdir)
-    prev_params: Optional[Path] = None
+        wd.config_path(workdir).write_text(config.to_json_best_effort(indent=2))
+    pstate = wd.read_pipeline_state(workdir)
+    prev_params: Path | None = None
     for name in config.stage_order:
         if name in pstate["finished"]:
             print(f"[pipeline] stage {name!r} already finished - skipping", flush=True)
-            prev_params = stage_params_path(workdir, name)
+            prev_params = wd.stage_params_path(workdir, name)
             continue
         pstate["current"] = name
-        write_pipeline_state(workdir, pstate)
+        wd.write_pipeline_state(workdir, pstate)
         result = train.train_stage(config, name, workdir, prev_params)
         if result.get("interrupted"):
             print(f"[pipeline] stage {name!r} interrupted at step {result.get('step')} - "
                   "run the same command again to resume", flush=True)
             pstate["last_stop"] = result
-            write_pipeline_state(workdir, pstate)
+            wd.write_pipeline_state(workdir, pstate)
             return pstate
         pstate["finished"].append(name)
         pstate.setdefault("results", {})[name] = result
         pstate["current"] = None
         if result.get("stop_requested"):
             pstate["last_stop"] = {**result, "interrupted": True}
-            write_pipeline_state(workdir, pstate)
+            wd.write_pipeline_state(workdir, pstate)
             return pstate
-        write_pipeline_state(workdir, pstate)
-        prev_params = stage_params_path(workdir, name)
+        wd.write_pipeline_state(workdir, pstate)
+        prev_params = wd.stage_params_path(workdir, name)
     return pstate

@@ -120,21 +120,18 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 # Parameter rules
 
 
-def path_str(path: Sequence[Any]) -> str:
-    """'/'-joined key path of a pytree leaf (dict keys, dataclass fields, sequence indices)."""
+def path_str(path: Sequence[Any], sep: str = "/") -> str:
+    """A pytree leaf's key path as ``a/b/0/c`` (dict keys, dataclass fields, sequence indices):
+    the spelling sharding rules match (``sep='/'``) and checkpoint messages print (``'.'``)."""
     parts = []
     for k in path:
-        if isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            parts.append(str(k.name))
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
-            parts.append(str(k.key))
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
         else:
             parts.append(str(k))
-    return "/".join(parts)
+    return sep.join(parts)
 
 
 def fsdp_spec(shape: Sequence[int], mesh: Mesh, axis: str = "fsdp") -> P:

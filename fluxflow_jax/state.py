@@ -16,16 +16,31 @@ import jax.numpy as jnp
 
 from fluxflow_jax import losses
 
-MODEL_NAMES = ("compressor", "expander", "flow", "text_encoder", "discriminator")
-
+# The one table of models: model -> (optimizer group, step kind that differentiates it).
+# Everything else is derived from it: the model names the registry builds, the optimizer groups a
+# stage may configure, which params each jitted step updates and the labels of its optax partition.
+MODELS: dict[str, tuple[str, str]] = {
+    "compressor": ("vae", "vae"),
+    "expander": ("vae", "vae"),
+    "flow": ("flow", "flow"),
+    "text_encoder": ("text_encoder", "flow"),
+    "discriminator": ("discriminator", "disc"),
+}
+MODEL_NAMES: tuple[str, ...] = tuple(MODELS)
+OPT_GROUPS: tuple[str, ...] = tuple(dict.fromkeys(g for g, _ in MODELS.values()))
+# Step kinds in the order one iteration runs them (D before G, as the reference does).
+STEP_KINDS: tuple[str, ...] = ("disc", "vae", "flow")
 # Which models each step kind differentiates (and hence what its optax state covers).
 # The optax transformation for kind K is applied to ``step_params(K, params)``: a dict with the
 # names below that the run has, e.g. {'compressor': ..., 'expander': ...} for 'vae'.
 STEP_PARAM_GROUPS: dict[str, tuple[str, ...]] = {
-    "vae": ("compressor", "expander"),
-    "disc": ("discriminator",),
-    "flow": ("flow", "text_encoder"),
-}
+    k: tuple(m for m, (_, kind) in MODELS.items() if kind == k) for k in STEP_KINDS}
+
+
+def group_of(model: str) -> str:
+    """The optimizer group that updates ``model``."""
+    return MODELS[model][0]
+
 
 # Per-loss running windows the adaptive VAE loss weights average over (reference FloatBuffer(100)).
 ADAPTIVE_KEYS = ("recon", "kl", "gan")

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 from parity_utils import assert_close_ref, load_case
 
-from fluxflow_jax import losses, optim
+from fluxflow_jax import losses, optim, schedules
 
 REL = 1e-6
 
@@ -49,7 +49,7 @@ def check_schedulers(case: Path) -> None:
     for name, sched_cfg in kw["configs"].items():
         ref = io[f"{name}.lr"]
         if sched_cfg["type"] == "ReduceLROnPlateau":
-            ctl = optim.make_plateau_controller(sched_cfg, base_lr, total,
+            ctl = schedules.make_plateau_controller(sched_cfg, base_lr, total,
                                                 name=f"schedulers.{name}")
             assert ctl is not None
             # Through the optimizer state, as the training loop applies it.
@@ -62,7 +62,7 @@ def check_schedulers(case: Path) -> None:
                 state = optim.set_lr_scale(state, ctl.update(float(metric)))
             _assert_rel(ours, ref, name)
         else:
-            sched = optim.make_schedule(sched_cfg, base_lr, total, name=f"schedulers.{name}")
+            sched = schedules.make_schedule(sched_cfg, base_lr, total, name=f"schedulers.{name}")
             _assert_rel([float(sched(i)) for i in range(len(ref))], ref, name)
 
 

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 from tensorboardX.proto import event_pb2
 
-from fluxflow_jax.metrics import MetricsWriter, ProgressBar, format_duration, make_plots, read_jsonl
+from fluxflow_jax.metrics import MetricsWriter, ProgressBar, format_duration, read_jsonl
+from fluxflow_jax.plots import make_plots
 
 
 def read_tb_scalars(tb_dir) -> dict[str, list[tuple[int, float]]]:

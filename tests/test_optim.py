@@ -8,7 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from fluxflow_jax import optim
+from fluxflow_jax import optim, schedules
+from fluxflow_jax.state import OPT_GROUPS
 
 
 def _run(tx, params, grads):
@@ -67,13 +68,13 @@ SCHED_ERRORS = [
 @pytest.mark.parametrize("cfg,msg", SCHED_ERRORS, ids=[m for _, m in SCHED_ERRORS])
 def test_schedule_validation_names_key(cfg, msg):
     with pytest.raises(ValueError, match=msg):
-        optim.make_schedule(cfg, 1e-3, 10, name="schedulers.flow")
+        schedules.make_schedule(cfg, 1e-3, 10, name="schedulers.flow")
 
 
 def test_total_steps_must_be_positive():
     for cfg in (None, {"type": "CosineAnnealingLR"}):
         with pytest.raises(ValueError, match=r"schedulers\.vae: total_steps must be an int > 0"):
-            optim.make_schedule(cfg, 1e-3, 0)
+            schedules.make_schedule(cfg, 1e-3, 0)
 
 
 def test_scheduler_errors_reach_through_make_optimizer():
@@ -94,15 +95,15 @@ def test_reference_defaults():
     assert optim.default_optimizer_config("discriminator")["betas"] == (0.0, 0.9)
     assert optim.default_optimizer_config("text_encoder")["lr"] == 5e-8
     assert optim.default_optimizer_config("text_encoder")["clip_norm"] is None
-    assert optim.default_scheduler_config("text_encoder")["eta_min_factor"] == 0.001
-    assert optim.default_scheduler_config("vae") == {"type": "CosineAnnealingLR", "eta_min_factor": 0.1}
+    assert schedules.default_scheduler_config("text_encoder")["eta_min_factor"] == 0.001
+    assert schedules.default_scheduler_config("vae") == {"type": "CosineAnnealingLR", "eta_min_factor": 0.1}
     # fresh copies
     optim.default_optimizer_config("vae")["lr"] = 1.0
     assert optim.default_optimizer_config("vae")["lr"] == 5e-7
     with pytest.raises(ValueError, match="unknown optimizer group 'unet'"):
         optim.default_optimizer_config("unet")
-    for g in optim.GROUPS:  # every default builds and steps
-        tx = optim.make_optimizer(optim.default_optimizer_config(g), optim.default_scheduler_config(g),
+    for g in OPT_GROUPS:  # every default builds and steps
+        tx = optim.make_optimizer(optim.default_optimizer_config(g), schedules.default_scheduler_config(g),
                                   100, name=f"optimizers.{g}")
         p, _ = _run(tx, jnp.ones(4), [jnp.full(4, 0.5)])
         assert np.all(np.asarray(p) < 1.0)
@@ -164,7 +165,7 @@ def test_lion_coupled_decay_when_not_decoupled():
 
 def test_optimizer_runs_under_jit():
     tx = optim.make_optimizer(optim.default_optimizer_config("discriminator"),
-                              optim.default_scheduler_config("discriminator"), 20)
+                              schedules.default_scheduler_config("discriminator"), 20)
     params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
     state = tx.init(params)
 
@@ -256,7 +257,7 @@ def test_learning_rates_report_scheduled_lr_per_group():
     labels = optim.param_labels(params, {"compressor": "vae", "expander": "vae",
                                          "discriminator": "discriminator"})
     sched = {"type": "CosineAnnealingLR", "eta_min_factor": 0.1}
-    vae_sched = optim.make_schedule(sched, 1e-3, 10)
+    vae_sched = schedules.make_schedule(sched, 1e-3, 10)
     tx = optim.make_partitioned({
         "vae": optim.make_optimizer({"type": "AdamW", "lr": 1e-3}, sched, 10),
         "discriminator": optim.make_optimizer({"type": "AdamW", "lr": 2e-3}, None, 10,
@@ -288,31 +289,31 @@ def test_lr_scale_changes_the_update():
 
 def test_warmup_shape():
     base, total = 1e-3, 24
-    s = optim.make_schedule({"type": "CosineAnnealingLR", "eta_min_factor": 0.1, "warmup_steps": 4},
+    s = schedules.make_schedule({"type": "CosineAnnealingLR", "eta_min_factor": 0.1, "warmup_steps": 4},
                             base, total)
     lr = np.array([float(s(i)) for i in range(total + 1)])
     np.testing.assert_allclose(lr[:5], [0.0, 0.25e-3, 0.5e-3, 0.75e-3, 1e-3], rtol=1e-6, atol=1e-12)
     assert np.all(np.diff(lr[:5]) > 0) and np.all(np.diff(lr[4:]) < 0)
     np.testing.assert_allclose(lr[total], 0.1 * base, rtol=1e-6)  # cosine still ends at total
-    s = optim.make_schedule({"type": "StepLR", "gamma": 0.5, "step_size": 3, "warmup_steps": 2,
+    s = schedules.make_schedule({"type": "StepLR", "gamma": 0.5, "step_size": 3, "warmup_steps": 2,
                              "warmup_start_factor": 0.1}, base, total)
     lr = [float(s(i)) for i in range(8)]
     np.testing.assert_allclose(lr, [1e-4, 5.5e-4, 1e-3, 1e-3, 1e-3, 5e-4, 5e-4, 5e-4], rtol=1e-6)
 
 
 def test_cosine_rises_again_past_t_max_like_torch():
-    s = optim.make_schedule({"type": "CosineAnnealingLR", "eta_min_factor": 0.1}, 1.0, 10)
+    s = schedules.make_schedule({"type": "CosineAnnealingLR", "eta_min_factor": 0.1}, 1.0, 10)
     np.testing.assert_allclose(float(s(10)), 0.1, rtol=1e-6)
     np.testing.assert_allclose(float(s(15)), float(s(5)), rtol=1e-6)
     np.testing.assert_allclose(float(s(20)), 1.0, rtol=1e-6)
 
 
 def test_no_scheduler_is_constant_and_defaults_use_total_steps():
-    s = optim.make_schedule(None, 3e-4, 10)
+    s = schedules.make_schedule(None, 3e-4, 10)
     assert [float(s(i)) for i in (0, 5, 50)] == [pytest.approx(3e-4, rel=1e-7)] * 3
-    step = optim.make_schedule({"type": "StepLR"}, 1.0, 50)  # step_size = 50 // 10, gamma 0.1
+    step = schedules.make_schedule({"type": "StepLR"}, 1.0, 50)  # step_size = 50 // 10, gamma 0.1
     np.testing.assert_allclose([float(step(i)) for i in (4, 5, 10)], [1.0, 0.1, 0.01], rtol=1e-6)
-    lin = optim.make_schedule({"type": "LinearLR"}, 1.0, 50)  # 1.0 -> 0.1 over total_steps
+    lin = schedules.make_schedule({"type": "LinearLR"}, 1.0, 50)  # 1.0 -> 0.1 over total_steps
     np.testing.assert_allclose([float(lin(i)) for i in (0, 25, 50, 80)], [1.0, 0.55, 0.1, 0.1],
                                rtol=1e-6)
 
@@ -322,30 +323,30 @@ def test_no_scheduler_is_constant_and_defaults_use_total_steps():
 
 
 def test_plateau_controller_behaviour():
-    ctl = optim.PlateauController(factor=0.5, patience=1, cooldown=1, min_lr=0.2, base_lr=1.0)
+    ctl = schedules.PlateauController(factor=0.5, patience=1, cooldown=1, min_lr=0.2, base_lr=1.0)
     scales = [ctl.update(m) for m in [1.0] * 9]
     # best, bad 1, bad 2 > patience (cut, cooldown 1), cooldown resets, bad 1, bad 2 (cut),
     # cooldown, bad 1, bad 2 (cut to min_lr)
     assert scales == [1.0, 1.0, 0.5, 0.5, 0.5, 0.25, 0.25, 0.25, 0.2]
-    up = optim.PlateauController(factor=0.1, patience=0, mode="max", threshold=0.5,
+    up = schedules.PlateauController(factor=0.1, patience=0, mode="max", threshold=0.5,
                                  threshold_mode="abs")
     assert [up.update(m) for m in [1.0, 1.4, 2.0]] == pytest.approx([1.0, 0.1, 0.1])
     # tiny lr changes below eps are ignored, as torch
-    tiny = optim.PlateauController(factor=0.5, patience=0, base_lr=1e-8)
+    tiny = schedules.PlateauController(factor=0.5, patience=0, base_lr=1e-8)
     assert [tiny.update(m) for m in [1.0, 1.0]] == [1.0, 1.0]
     with pytest.raises(ValueError, match=r"ReduceLROnPlateau\.factor must be in \(0, 1\)"):
-        optim.PlateauController(factor=1.5)
+        schedules.PlateauController(factor=1.5)
 
 
 def test_plateau_state_roundtrip_is_json_and_exact():
     metrics = [1.0, 0.9, 0.95, 0.97, 0.96, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
-    full = optim.PlateauController(factor=0.5, patience=2)
+    full = schedules.PlateauController(factor=0.5, patience=2)
     ref = [full.update(m) for m in metrics]
-    a = optim.PlateauController(factor=0.5, patience=2)
+    a = schedules.PlateauController(factor=0.5, patience=2)
     fresh_state = json.loads(json.dumps(a.state_dict(), allow_nan=False))
     first = [a.update(m) for m in metrics[:4]]
     saved = json.loads(json.dumps(a.state_dict(), allow_nan=False))
-    b = optim.PlateauController(factor=0.5, patience=2)
+    b = schedules.PlateauController(factor=0.5, patience=2)
     b.load_state_dict(saved)
     assert first + [b.update(m) for m in metrics[4:]] == ref
     assert fresh_state["best"] is None
@@ -354,9 +355,9 @@ def test_plateau_state_roundtrip_is_json_and_exact():
 
 
 def test_plateau_controller_from_config():
-    assert optim.make_plateau_controller({"type": "CosineAnnealingLR"}, 1e-3, 10) is None
-    assert optim.make_plateau_controller(None, 1e-3, 10) is None
-    ctl = optim.make_plateau_controller({"type": "ReduceLROnPlateau", "factor": 0.5, "patience": 0},
+    assert schedules.make_plateau_controller({"type": "CosineAnnealingLR"}, 1e-3, 10) is None
+    assert schedules.make_plateau_controller(None, 1e-3, 10) is None
+    ctl = schedules.make_plateau_controller({"type": "ReduceLROnPlateau", "factor": 0.5, "patience": 0},
                                         1e-3, 10)
     assert [ctl.update(m) for m in (1.0, 2.0)] == [1.0, 0.5]
 

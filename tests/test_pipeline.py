@@ -98,10 +98,10 @@ def _load_config(spec):
 
 @pytest.mark.parametrize("config", CONFIGS + [c + ":runlocal" for c in CONFIGS])
 def test_every_shipped_config_is_valid_and_has_a_plan(config):
-    from fluxflow_jax import pipeline
+    from fluxflow_jax import stages
     c = _load_config(config)
-    assert pipeline.validate_config(c) == []
-    plan = pipeline.describe_plan(c)
+    assert stages.validate_config(c) == []
+    plan = stages.describe_plan(c)
     for name in c.stage_order:
         assert name in plan
     assert "optimizer" in plan and "dataset:" in plan and "per device" in plan
@@ -118,7 +118,7 @@ def test_validate_flag_prints_the_plan_and_trains_nothing(tmp_path):
 
 
 def test_bad_config_reports_every_error_with_its_key():
-    from fluxflow_jax import pipeline
+    from fluxflow_jax import stages
     import importlib.util
     spec = importlib.util.spec_from_file_location("demo_cfg", ROOT / "configs/demo.py")
     mod = importlib.util.module_from_spec(spec)
@@ -129,8 +129,8 @@ def test_bad_config_reports_every_error_with_its_key():
     c.stages.flow.dataset = "nope"
     c.model.activation = "tanhh"
     c.stages.flow.loss.objective = "ddim"
-    with pytest.raises(pipeline.ConfigError) as e:
-        pipeline.check_config(c)
+    with pytest.raises(stages.ConfigError) as e:
+        stages.check_config(c)
     msg = str(e.value)
     for key in ("stages.vae_warmup.train", "stages.vae_gan.optimizers.vae", "stages.flow.dataset",
                 "model.activation", "stages.flow.loss.objective"):

@@ -47,9 +47,10 @@ def _child() -> dict:
 
     from fluxflow_jax import optim, sharding, steps
     from fluxflow_jax.models import registry
+    from fluxflow_jax.state import create_train_state
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from test_steps import MODEL_CFG, images, loss_cfg
+    from test_steps import EMA_MODELS, MODEL_CFG, images, loss_cfg
 
     assert jax.device_count() == 8, jax.devices()
     models = registry.build_models(MODEL_CFG, set(registry.MODEL_NAMES))
@@ -68,9 +69,10 @@ def _child() -> dict:
                    cfg_dropout_prob=0.25, r1_interval=1)
 
     def run(mesh, kinds):
-        state = steps.make_train_state(models, jax.tree.map(jnp.array, params),
-                                       jax.tree.map(jnp.array, spectral), txs, ema=True)
-        sh = steps.state_shardings(state, mesh)
+        state = create_train_state(jax.tree.map(jnp.array, params), txs,
+                                   spectral=jax.tree.map(jnp.array, spectral),
+                                   ema_models=EMA_MODELS)
+        sh = sharding.tree_shardings(state, mesh)
         state = jax.device_put(state, sh)
         batch = sharding.put_batch(host_batch, mesh)
         makers = {"disc": steps.make_disc_step, "vae": steps.make_vae_step,

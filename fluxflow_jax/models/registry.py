@@ -23,8 +23,8 @@ from fluxflow_jax.models.discriminator import PatchDiscriminator
 from fluxflow_jax.models.flow import FluxFlowProcessor
 from fluxflow_jax.models.text import BertTextEncoder
 from fluxflow_jax.models.vae import FluxCompressor, FluxExpander
+from fluxflow_jax.state import MODEL_NAMES
 
-MODEL_NAMES = ("compressor", "expander", "flow", "text_encoder", "discriminator")
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 _TOP_KEYS = {"vae_dim", "downscales", "upscales", "vae_attn_layers", "vae_attn_heads",
              "flow_dim", "flow_layers", "flow_heads", "text_embedding_dim", "max_hw",

@@ -17,53 +17,33 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fluxflow_jax import optim, sharding
+from fluxflow_jax import losses, optim, sharding
 from fluxflow_jax.state import TrainState, step_params
 
-# Reference step fields (REFERENCE.md 2.1, 3.3) and this port's additions, with defaults.
-LOSS_DEFAULTS: dict[str, Any] = {
-    # which terms / models
+# What a stage's ``train`` flags and EMA settings tell a step (set by the loop, not the loss block),
+# beside the loss schema (``losses.LOSS_SCHEMA``: the user-settable keys, defaults and rules).
+STEP_FLAGS: dict[str, Any] = {
     "train_reconstruction": True, "use_gan": False, "use_spade": True, "use_lpips": False,
-    "train_text_encoder": False,
-    # VAE
-    "kl_beta": 1e-4, "kl_warmup_steps": 5000, "kl_free_bits": 0.0, "mse_weight": 0.1,
-    "lambda_lpips": 0.1, "lpips_weights": "", "adaptive_weights": True,
-    "color_stats_weight": 0.05, "hist_weight": 0.02, "contrast_weight": 0.1,
-    "sample_posterior": True,
-    # GAN
-    "lambda_adv": 0.5, "r1_gamma": 5.0, "r1_interval": 16,
-    # EMA (0 = off)
-    "ema_decay": 0.0, "ema_warmup": False,
-    # flow
-    "objective": "flow_matching", "timestep_sampling": "logit_normal", "loss_weighting": "uniform",
-    "cfg_dropout_prob": 0.0, "cfg_null": "zeros",
+    "train_text_encoder": False, "ema_decay": 0.0, "ema_warmup": False,
 }
-OBJECTIVES = ("flow_matching", "v_prediction")
-CFG_NULLS = ("zeros", "empty_prompt")
+LOSS_DEFAULTS: dict[str, Any] = {**STEP_FLAGS, **losses.loss_defaults()}
 
 # Distinct streams per step kind: the D and G steps of one iteration share state.step.
 KIND_IDS = {"vae": 1, "disc": 2, "flow": 3}
 
 
 def loss_settings(loss_cfg: Mapping[str, Any] | None, key: str = "loss") -> dict:
-    """``loss_cfg`` with defaults filled; unknown keys raise KeyError naming them."""
+    """``loss_cfg`` (loss-schema keys and step flags) with defaults filled; a bad key or value
+    raises ValueError naming ``config.<key>.<name>``."""
     cfg = {} if loss_cfg is None else {k: loss_cfg[k] for k in loss_cfg}
-    unknown = sorted(set(cfg) - set(LOSS_DEFAULTS))
-    if unknown:
-        raise KeyError(f"config.{key}: unknown key(s) {unknown}; known: {sorted(LOSS_DEFAULTS)}")
+    schema_part = {k: v for k, v in cfg.items() if k not in STEP_FLAGS}
+    errs = losses.loss_errors(schema_part, prefix=f"config.{key}")
+    if not 0.0 <= float(cfg.get("ema_decay", 0.0)) < 1.0:
+        errs.append(f"config.{key}.ema_decay: must be in [0, 1), got {cfg['ema_decay']!r}")
+    if errs:
+        raise ValueError("; ".join(errs))
     out = dict(LOSS_DEFAULTS)
     out.update(cfg)
-    if out["objective"] not in OBJECTIVES:
-        raise ValueError(f"config.{key}.objective must be one of {OBJECTIVES}, "
-                         f"got {out['objective']!r}")
-    if out["cfg_null"] not in CFG_NULLS:
-        raise ValueError(f"config.{key}.cfg_null must be one of {CFG_NULLS}, "
-                         f"got {out['cfg_null']!r}")
-    if not 0.0 <= float(out["ema_decay"]) < 1.0:
-        raise ValueError(f"config.{key}.ema_decay must be in [0, 1), got {out['ema_decay']!r}")
-    if out["use_gan"] and (int(out["r1_interval"]) <= 0 and float(out["r1_gamma"]) > 0):
-        raise ValueError(f"config.{key}.r1_interval must be > 0 when r1_gamma > 0, "
-                         f"got {out['r1_interval']!r}")
     return out
 
 

@@ -1,0 +1,81 @@
+"""How a running stage is told to stop: signals, control files in the workdir, its stop condition.
+
+``W/.pause`` blocks the loop until removed, ``W/.checkpoint`` asks for a checkpoint (and samples)
+now, ``W/.stop`` saves and stops; SIGTERM/SIGINT save a checkpoint at the current step and stop,
+so preemptible machines lose nothing. A stage's ``stop_metric`` ends it early when the mean of the
+last ``stop_window`` logged values is below/above ``stop_threshold``.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+
+class StopControls:
+    """SIGTERM/SIGINT and ``W/.pause``, ``W/.checkpoint``, ``W/.stop`` files."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.signal: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. under a test runner thread)
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+        print(f"\n[train] received {signal.Signals(signum).name}: saving a checkpoint and exiting",
+              flush=True)
+
+    def _take(self, name: str) -> bool:
+        p = self.workdir / name
+        if p.exists():
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+            return True
+        return False
+
+    def poll(self) -> dict:
+        """Which actions are requested now (pause blocks here until .pause is removed)."""
+        paused = False
+        while (self.workdir / ".pause").exists() and self.signal is None:
+            if not paused:
+                print("[train] paused (remove W/.pause to continue)", flush=True)
+                paused = True
+            time.sleep(1.0)
+        return {"checkpoint": self._take(".checkpoint"), "stop": self._take(".stop"),
+                "signal": self.signal is not None}
+
+
+def stop_condition_met(s: Mapping, history: Mapping[str, list]) -> str | None:
+    """Whether the stage's stop condition holds on the logged history; the reason if so."""
+    if not s.stop_metric:
+        return None
+    values = history.get(s.stop_metric)
+    if values is None:
+        return None
+    window = [v for v in values[-int(s.stop_window):] if v is not None and math.isfinite(v)]
+    if len(window) < int(s.stop_window):
+        return None
+    mean = float(np.mean(window))
+    hit = mean < s.stop_threshold if s.stop_mode == "below" else mean > s.stop_threshold
+    if hit:
+        return (f"mean of the last {s.stop_window} '{s.stop_metric}' = {mean:.6g} is "
+                f"{s.stop_mode} {s.stop_threshold}")
+    return None
