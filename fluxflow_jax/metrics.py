@@ -310,16 +310,20 @@ class ProgressBar:
         self.log_every_s = log_every_s
         self._clock = clock
         self._start = clock()
-        self._start_n = self.n
+        self._steady: tuple[float, int] | None = None  # (time, n) after the first update
         self._last_render = -math.inf
         self._metrics: dict = {}
         self._closed = False
 
     @property
     def rate(self) -> float | None:
-        """Steps per second since this bar started (steps before ``initial`` are not counted)."""
-        elapsed = self._clock() - self._start
-        done = self.n - self._start_n
+        """Steady-state steps per second: counted from the end of the first update after start, so
+        the first step's XLA compilation (seconds to minutes) does not inflate the ETA."""
+        if self._steady is None:
+            return None
+        t0, n0 = self._steady
+        elapsed = self._clock() - t0
+        done = self.n - n0
         return done / elapsed if elapsed > 0 and done > 0 else None
 
     @property
@@ -351,6 +355,8 @@ class ProgressBar:
         if metrics:
             self._metrics.update(metrics)
         now = self._clock()
+        if self._steady is None:
+            self._steady = (now, self.n)
         interval = self.refresh_s if self.tty else self.log_every_s
         finished = self.total is not None and self.n >= self.total
         if now - self._last_render >= interval or finished:

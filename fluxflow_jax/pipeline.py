@@ -48,4 +48,22 @@ def run(config: Mapping, workdir: str | os.PathLike) -> dict:
             return pstate
         wd.write_pipeline_state(workdir, pstate)
         prev_params = wd.stage_params_path(workdir, name)
+    if jax.process_index() == 0:
+        print(summary(workdir, pstate), flush=True)
     return pstate
+
+
+def summary(workdir: Path, pstate: Mapping) -> str:
+    """The closing lines: what finished and where to look."""
+    lines = [f"[pipeline] all {len(pstate['finished'])} stage(s) finished: "
+             + ", ".join(f"{n} ({pstate.get('results', {}).get(n, {}).get('step', '?')} steps)"
+                         for n in pstate["finished"])]
+    for what, path in (("exports (reference layout)", workdir / "export"),
+                       ("sample grids", workdir / "samples"),
+                       ("metrics JSONL and plots", workdir / "graph"),
+                       ("TensorBoard", workdir / "tb")):
+        if path.exists():
+            lines.append(f"  {what}: {path}")
+    if (workdir / "tb").exists():
+        lines.append(f"  tensorboard --logdir {workdir / 'tb'}")
+    return "\n".join(lines)

@@ -222,8 +222,11 @@ def train_stage(config: Mapping, name: str, workdir: Path,
                 print(f"[{name}] plotting failed: {e}", flush=True)
         return did
 
-    print(f"[{name}] {st.total_steps} steps, global batch {st.global_batch}, "
-          f"steps per iteration {'->'.join(st.kinds)}", flush=True)
+    print(f"[{name}] stage {st.index + 1}/{len(config.stage_order)}: {st.total_steps} steps, "
+          f"global batch {st.global_batch}, steps per iteration {'->'.join(st.kinds)}", flush=True)
+    if step < st.total_steps:
+        print(f"[{name}] compiling {'+'.join(st.kinds)} ...", flush=True)
+    compiling = True
     pbar = metrics_lib.ProgressBar(st.total_steps, desc=name, initial=step)
     last_log_t, last_log_step = time.monotonic(), step
     stopped = None
@@ -245,9 +248,15 @@ def train_stage(config: Mapping, name: str, workdir: Path,
             batch = next(st.loader)
             gbatch = sharding.put_batch(batch, st.mesh)
             step_metrics = {}
+            t_first = time.monotonic() if compiling else None
             for kind in st.kinds:
                 state, m = step_fns[kind](state, gbatch, st.rng)
                 step_metrics.update(m)
+            if compiling:  # the first call of each jitted step compiles it (or loads it from cache)
+                jax.block_until_ready(step_metrics)
+                print(f"[{name}] compiled {'+'.join(st.kinds)} in "
+                      f"{time.monotonic() - t_first:.1f} s", flush=True)
+                compiling = False
             step += 1
             if step % int(config.log_interval) == 0 or step == st.total_steps:
                 host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}

@@ -157,11 +157,25 @@ def test_progress_bar_tty_redraws_and_unknown_total():
     clock, out = FakeClock(), io.StringIO()
     with ProgressBar(None, "flow", stream=out, tty=True, refresh_s=0.0, clock=clock) as bar:
         clock.t = 1.0
+        bar.update(1, flow_loss=3.0)
+        assert bar.rate is None  # one step: no steady-state rate yet
+        clock.t = 2.0
         bar.update(5, flow_loss=2.0)
         assert bar.eta_seconds is None
-        assert bar.render() == "flow | 5 | 5.00 steps/s | elapsed 0:00:01 | flow_loss: 2.0000"
+        assert bar.render() == "flow | 6 | 5.00 steps/s | elapsed 0:00:02 | flow_loss: 2.0000"
     text = out.getvalue()
     assert text.count("\r\x1b[2K") >= 2 and text.endswith("\n")
+
+
+def test_progress_bar_eta_ignores_the_compile_step():
+    clock, out = FakeClock(), io.StringIO()
+    bar = ProgressBar(30, "flow", stream=out, tty=False, clock=clock)
+    clock.t = 20.0  # the first step compiles for 20 s
+    bar.update(1)
+    for _ in range(9):
+        clock.t += 0.5  # then 2 steps/s
+        bar.update(1)
+    assert bar.rate == 2.0 and bar.eta_seconds == 10.0  # 20 steps left at 2/s, not at 10/29.5 s
 
 
 def test_format_duration():
