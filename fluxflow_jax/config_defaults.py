@@ -96,6 +96,9 @@ def base_config() -> mlc.ConfigDict:
     c.stage_order = ()
     c.init_from = ""  # reference checkpoint (file/dir) or fluxflow_jax param file
     c.log_interval = 10
+    # Divergence policy: a non-finite update is skipped (and reported); this many in a row stop the
+    # stage with exit code 3, keeping the last good checkpoint.
+    c.max_nonfinite_in_a_row = 5
     c.checkpoint = mlc.ConfigDict(dict(interval_steps=500, interval_minutes=30.0, max_to_keep=3,
                                        async_save=True))
     c.samples = mlc.ConfigDict(dict(enabled=True, num_images=4, seed=1234))

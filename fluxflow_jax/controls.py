@@ -8,6 +8,7 @@ last ``stop_window`` logged values is below/above ``stop_threshold``.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from collections.abc import Mapping
@@ -37,9 +38,13 @@ class StopControls:
             signal.signal(sig, old)
 
     def _handle(self, signum, frame):
+        if self.signal is not None:  # a second signal: the user means it - stop now
+            print(f"\n[train] second {signal.Signals(signum).name}: exiting without saving",
+                  flush=True)
+            os._exit(128 + signum)
         self.signal = signum
-        print(f"\n[train] received {signal.Signals(signum).name}: saving a checkpoint and exiting",
-              flush=True)
+        print(f"\n[train] received {signal.Signals(signum).name}: saving a checkpoint at the "
+              "current step and exiting (send it again to exit at once)", flush=True)
 
     def _take(self, name: str) -> bool:
         p = self.workdir / name

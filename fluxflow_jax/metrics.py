@@ -99,6 +99,28 @@ def read_jsonl(path: str | Path) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------
 
 
+def drop_after(path: Path, global_step: int) -> int:
+    """Remove the lines past ``global_step`` from a JSONL (a run killed after its last checkpoint
+    logged steps it will log again on resume); returns how many were dropped. Atomic rewrite."""
+    if not path.exists():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            past = int(json.loads(line).get("global_step", 0)) > global_step
+        except (ValueError, AttributeError):
+            past = False  # a line the reader skips anyway; keep it as it was
+        if past:
+            dropped += 1
+        else:
+            keep.append(line)
+    if dropped:
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
+        tmp.replace(path)
+    return dropped
+
+
 def _now() -> str:
     return datetime.now().isoformat()
 
@@ -150,6 +172,7 @@ class MetricsWriter:
         *,
         tensorboard: bool = True,
         active: bool | None = None,
+        resume_at: int | None = None,
     ):
         if active is None:
             import jax
@@ -167,12 +190,16 @@ class MetricsWriter:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.session = _open_session(self.session_file)
+        if resume_at is not None:
+            drop_after(self.path, resume_at)
         self._file = open(self.path, "a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter
 
             tb_dir = self.workdir / "tb" / (stage or "default")
-            self._tb = SummaryWriter(logdir=str(tb_dir), flush_secs=30)
+            # purge_step: TensorBoard drops the events a killed run logged past its checkpoint
+            purge = None if resume_at is None else int(resume_at) + 1
+            self._tb = SummaryWriter(logdir=str(tb_dir), flush_secs=30, purge_step=purge)
 
     @property
     def session_id(self) -> str | None:

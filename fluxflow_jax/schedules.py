@@ -34,8 +34,14 @@ _SCHEDULER_KEYS = {
     "ConstantLR": {"factor": 1.0, "total_iters": None},
     "StepLR": {"step_size": None, "gamma": 0.1},
     "ReduceLROnPlateau": {"mode": "min", "factor": 0.1, "patience": 10, "threshold": 1e-4,
-                          "threshold_mode": "rel", "cooldown": 0, "min_lr": 0.0},
+                          "threshold_mode": "rel", "cooldown": 0, "min_lr": 0.0,
+                          # ours: the logged metric it watches ('' = the group's loss, as the
+                          # reference steps it with the loss) and how often (training steps)
+                          "metric": "", "step_every": 1},
 }
+# The loss the reference steps each group's ReduceLROnPlateau with.
+DEFAULT_PLATEAU_METRIC = {"vae": "vae_loss", "flow": "flow_loss", "text_encoder": "flow_loss",
+                          "discriminator": "discriminator_loss"}
 _COMMON_SCHEDULER_KEYS = ("type", "warmup_steps", "warmup_start_factor")
 
 def default_scheduler_config(group: str) -> dict:
@@ -71,7 +77,7 @@ def _validate_schedule(s: dict, total_steps: int, name: str) -> None:
     isint = lambda v: isinstance(v, int) and not isinstance(v, bool)
     w = s.get("warmup_steps", 0)
     check_setting(isint(w) and 0 <= w < total_steps, name, "warmup_steps",
-           f"an int in [0, total_steps={total_steps})", w)
+                  f"an int in [0, total_steps={total_steps})", w)
     f0 = s.get("warmup_start_factor", 0.0)
     check_setting(num(f0) and 0 <= f0 <= 1, name, "warmup_start_factor", "in [0, 1]", f0)
     if kind == "CosineAnnealingLR":
@@ -81,28 +87,32 @@ def _validate_schedule(s: dict, total_steps: int, name: str) -> None:
         check_setting(num(s["gamma"]) and 0 < s["gamma"] < 1, name, "gamma", "in (0, 1)", s["gamma"])
     if kind == "StepLR":
         check_setting(isint(s["step_size"]) and s["step_size"] > 0, name, "step_size", "an int > 0",
-               s["step_size"])
+                      s["step_size"])
     if kind == "LinearLR":  # reference: > 0; torch additionally: <= 1
         for k in ("start_factor", "end_factor"):
             check_setting(num(s[k]) and 0 < s[k] <= 1, name, k, "in (0, 1]", s[k])
         check_setting(isint(s["total_iters"]) and s["total_iters"] > 0, name, "total_iters", "an int > 0",
-               s["total_iters"])
+                      s["total_iters"])
     if kind == "ConstantLR":
         check_setting(num(s["factor"]) and 0 < s["factor"] <= 1, name, "factor", "in (0, 1]", s["factor"])
         check_setting(isint(s["total_iters"]) and s["total_iters"] >= 0, name, "total_iters",
-               "an int >= 0", s["total_iters"])
+                      "an int >= 0", s["total_iters"])
     if kind == "ReduceLROnPlateau":
         check_setting(num(s["factor"]) and 0 < s["factor"] < 1, name, "factor", "in (0, 1)", s["factor"])
         check_setting(isint(s["patience"]) and s["patience"] >= 0, name, "patience", "an int >= 0",
-               s["patience"])
+                      s["patience"])
         check_setting(s["mode"] in ("min", "max"), name, "mode", "'min' or 'max'", s["mode"])
         check_setting(s["threshold_mode"] in ("rel", "abs"), name, "threshold_mode", "'rel' or 'abs'",
-               s["threshold_mode"])
+                      s["threshold_mode"])
         check_setting(num(s["threshold"]) and s["threshold"] >= 0, name, "threshold", ">= 0",
-               s["threshold"])
+                      s["threshold"])
         check_setting(isint(s["cooldown"]) and s["cooldown"] >= 0, name, "cooldown", "an int >= 0",
-               s["cooldown"])
+                      s["cooldown"])
         check_setting(num(s["min_lr"]) and s["min_lr"] >= 0, name, "min_lr", ">= 0", s["min_lr"])
+        if "step_every" in s:
+            check_setting(isint(s["step_every"]) and s["step_every"] >= 1, name, "step_every",
+                          "an int >= 1", s["step_every"])
+            check_setting(isinstance(s["metric"], str), name, "metric", "a metric name", s["metric"])
 
 
 def _lr_fn(s: dict, steps: int, lr0: float) -> Callable[[jax.Array], jax.Array]:
@@ -135,7 +145,7 @@ def _lr_fn(s: dict, steps: int, lr0: float) -> Callable[[jax.Array], jax.Array]:
     return lambda t: jnp.full_like(t, lr0)  # ReduceLROnPlateau: host-fed through lr_scale
 
 
-def _schedulersettings_with_defaults(sched_cfg: Mapping | None, total_steps: int, name: str) -> dict:
+def _scheduler_settings(sched_cfg: Mapping | None, total_steps: int, name: str) -> dict:
     if not (isinstance(total_steps, int) and total_steps > 0):
         raise ValueError(f"{name}: total_steps must be an int > 0, got {total_steps!r}")
     cfg = {k: sched_cfg[k] for k in sched_cfg}
@@ -163,7 +173,7 @@ def make_schedule(sched_cfg: Mapping | None, base_lr: float, total_steps: int, *
         if not (isinstance(total_steps, int) and total_steps > 0):
             raise ValueError(f"{name}: total_steps must be an int > 0, got {total_steps!r}")
         return lambda count: jnp.full((), base_lr, jnp.float32) + 0.0 * count
-    s = _schedulersettings_with_defaults(sched_cfg, total_steps, name)
+    s = _scheduler_settings(sched_cfg, total_steps, name)
     _validate_schedule(dict(s, type="warmup only"), total_steps, name)
     warm = s.get("warmup_steps", 0)
     main_steps = total_steps - warm
@@ -254,7 +264,58 @@ def make_plateau_controller(sched_cfg: Mapping | None, base_lr: float, total_ste
     """A PlateauController for a ReduceLROnPlateau config, None for any other scheduler."""
     if sched_cfg is None or (sched_cfg.get("type") or "CosineAnnealingLR") != "ReduceLROnPlateau":
         return None
-    s = _schedulersettings_with_defaults(sched_cfg, total_steps, name)
+    s = _scheduler_settings(sched_cfg, total_steps, name)
     _validate_schedule(s, total_steps, name)
     return PlateauController(s["factor"], s["patience"], s["threshold"], s["mode"],
                              s["threshold_mode"], s["cooldown"], s["min_lr"], base_lr=base_lr)
+
+
+class PlateauDriver:
+    """The ReduceLROnPlateau groups of a stage, stepped by the training loop.
+
+    Each entry watches one logged metric (``schedulers.<group>.metric``, default the group's loss)
+    and is stepped every ``step_every`` training steps with its latest value; the loop writes the
+    returned scales into the optimizer state (``optim.set_lr_scale``) and keeps ``state_dict()`` in
+    the checkpoint, so a resumed run continues the same plateau bookkeeping.
+    """
+
+    def __init__(self, entries: Mapping[str, tuple[PlateauController, str, int]]):
+        self.entries = dict(entries)  # group -> (controller, metric, step_every)
+
+    def __bool__(self) -> bool:
+        return bool(self.entries)
+
+    def due(self, step: int) -> bool:
+        return any(step % every == 0 for _, _, every in self.entries.values())
+
+    def update(self, step: int, values: Mapping[str, float]) -> dict[str, float]:
+        """Step the due controllers; returns ``{group: lr scale}`` for those whose scale changed."""
+        changed = {}
+        for group, (ctl, metric, every) in self.entries.items():
+            if step % every or metric not in values:
+                continue
+            old = ctl.scale
+            if ctl.update(values[metric]) != old:
+                changed[group] = ctl.scale
+        return changed
+
+    def state_dict(self) -> dict:
+        return {g: ctl.state_dict() for g, (ctl, _, _) in self.entries.items()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        for g, (ctl, _, _) in self.entries.items():
+            if g in state:
+                ctl.load_state_dict(state[g])
+
+
+def make_plateau_driver(groups: Mapping[str, tuple[Mapping | None, float]], total_steps: int,
+                        prefix: str) -> PlateauDriver:
+    """``groups``: ``{group: (scheduler config, base lr)}``; only ReduceLROnPlateau ones count."""
+    entries = {}
+    for g, (cfg, lr) in groups.items():
+        ctl = make_plateau_controller(cfg, lr, total_steps, name=f"{prefix}.{g}")
+        if ctl is not None:
+            metric = cfg.get("metric") or DEFAULT_PLATEAU_METRIC[g]
+            entries[g] = (ctl, metric, int(cfg.get("step_every") or 1))
+    return PlateauDriver(entries)
+

@@ -16,7 +16,7 @@ import jax
 import ml_collections as mlc
 
 from fluxflow_jax import config_defaults as cd
-from fluxflow_jax import losses, optim
+from fluxflow_jax import losses, metrics, optim, schedules, steps
 from fluxflow_jax.data import validate_dataset_config
 from fluxflow_jax.models.bezier import ACTIVATIONS
 from fluxflow_jax.state import MODEL_NAMES, OPT_GROUPS, STEP_KINDS, group_of
@@ -78,6 +78,14 @@ def optimizer_groups(stage: Mapping) -> list[str]:
     """Optimizer groups a stage needs: one per trained model group."""
     groups = {group_of(m) for m in trained_models(stage)}
     return [g for g in OPT_GROUPS if g in groups]
+
+
+def logged_metrics(stage: Mapping) -> set[str]:
+    """Every metric name a stage may log: its steps' namespaced names, the reference's JSONL names
+    of those, and ``learning/lr_<group>`` (what ``stop_metric`` and plateau ``metric`` may name)."""
+    names = {m for k in step_kinds(stage) for m in steps.METRICS[k]}
+    names |= set(metrics.reference_metric_names(dict.fromkeys(names, 0.0)))
+    return names | {f"learning/lr_{g}" for g in optimizer_groups(stage)}
 
 
 def dataset_name(config: Mapping, stage: Mapping) -> str:
@@ -213,6 +221,17 @@ def _validate_stage(config: Mapping, key: str, s: Mapping) -> list[str]:
         errs.append(f"{p}.grad_accum: must be >= 1, got {s.grad_accum}")
     if not 0.0 <= s.ema_decay < 1.0:
         errs.append(f"{p}.ema_decay: must be in [0, 1), got {s.ema_decay}")
+    known_metrics = sorted(logged_metrics(s)) if not errs else []
+    if s.stop_metric and known_metrics and s.stop_metric not in known_metrics:
+        errs.append(f"{p}.stop_metric: {s.stop_metric!r} is not logged by this stage; "
+                    f"choose from {known_metrics}")
+    for g in groups:
+        sch = stage_scheduler(s, g)
+        if sch and sch.get("type") == "ReduceLROnPlateau" and known_metrics:
+            metric = sch.get("metric") or schedules.DEFAULT_PLATEAU_METRIC[g]
+            if metric not in known_metrics:
+                errs.append(f"{p}.schedulers.{g}.metric: {metric!r} is not logged by this stage; "
+                            f"choose from {known_metrics}")
     if s.stop_mode not in STOP_MODES:
         errs.append(f"{p}.stop_mode: {s.stop_mode!r} not in {STOP_MODES}")
     if s.stop_window <= 0:

@@ -42,6 +42,11 @@ def group_of(model: str) -> str:
     return MODELS[model][0]
 
 
+def kind_of_group(group: str) -> str:
+    """The step kind whose optimizer state holds ``group``."""
+    return next(kind for g, kind in MODELS.values() if g == group)
+
+
 # Per-loss running windows the adaptive VAE loss weights average over (reference FloatBuffer(100)).
 ADAPTIVE_KEYS = ("recon", "kl", "gan")
 ADAPTIVE_WINDOW = 100

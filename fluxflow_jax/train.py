@@ -27,7 +27,7 @@ from fluxflow_jax import checkpoint as ckpt_lib
 from fluxflow_jax import controls as controls_lib
 from fluxflow_jax import data as data_lib
 from fluxflow_jax import metrics as metrics_lib
-from fluxflow_jax import optim, plots, sampling, sharding, stages, weights
+from fluxflow_jax import optim, plots, sampling, schedules, sharding, stages, weights
 from fluxflow_jax import state as state_lib
 from fluxflow_jax import steps as steps_lib
 from fluxflow_jax import workdir as wd
@@ -181,9 +181,36 @@ def make_step_fns(st: Stage, txs: Mapping, shardings: Any) -> dict[str, Callable
 # The loop
 # ----------------------------------------------------------------------------------------------
 
-def train_stage(config: Mapping, name: str, workdir: Path,
-                prev_params: Path | None) -> dict:
-    """Run (or resume) one stage to its end, its stop condition, a stop request or a signal."""
+def make_plateau_driver(st: Stage) -> schedules.PlateauDriver:
+    """The stage's ReduceLROnPlateau groups (none: an empty, falsy driver)."""
+    groups = {g: (stages.stage_scheduler(st.cfg, g), float(stages.stage_optimizer(st.cfg, g)["lr"]))
+              for g in stages.optimizer_groups(st.cfg)}
+    return schedules.make_plateau_driver(groups, st.total_steps, f"stages.{st.name}.schedulers")
+
+
+def apply_lr_scales(state: state_lib.TrainState, scales: Mapping[str, float]
+                    ) -> state_lib.TrainState:
+    """Write plateau scales ``{group: scale}`` into the optimizer states that hold those groups."""
+    opt_state = dict(state.opt_state)
+    for group, scale in scales.items():
+        kind = state_lib.kind_of_group(group)
+        opt_state[kind] = optim.set_lr_scale(opt_state[kind], scale, group)
+    return state.replace(opt_state=opt_state)
+
+
+_params_finite = jax.jit(steps_lib.common.tree_finite)
+
+
+def _host_metrics(step_metrics: Mapping) -> dict[str, float]:
+    """Device metrics -> floats under both our names and the reference's JSONL names."""
+    host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+    return {**metrics_lib.reference_metric_names(host), **host}
+
+
+def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | None,
+                controls: controls_lib.StopControls) -> dict:
+    """Run (or resume) one stage to its end, its stop condition, a stop request, a signal or a
+    divergence (``result['diverged']``: nothing saved over the last good checkpoint)."""
     workdir = Path(workdir)
     st = build_stage(config, name)
     params, spectral, carried = weights.initial_variables(config, st.models, st.rng, name,
@@ -192,6 +219,7 @@ def train_stage(config: Mapping, name: str, workdir: Path,
     shardings = state_shardings(st, state)
     state = jax.device_put(state, shardings)
     del params
+    plateau = make_plateau_driver(st)
     ck = config.checkpoint
     checkpointer = ckpt_lib.Checkpointer(
         wd.checkpoint_dir(workdir, name), max_to_keep=int(ck.max_to_keep),
@@ -203,17 +231,24 @@ def train_stage(config: Mapping, name: str, workdir: Path,
         state, data_state, meta = restored
         st.loader.set_state(data_state)
         history = meta.get("history", {})
+        plateau.load_state_dict(meta.get("plateau", {}))
         print(f"[{name}] resumed from step {int(state.step)}", flush=True)
     step_fns = make_step_fns(st, txs, shardings)
-    writer = metrics_lib.MetricsWriter(workdir, name, tensorboard=bool(config.tensorboard))
     offset = wd.global_step_offset(workdir, list(config.stage_order), name)
     step = int(state.step)
+    writer = metrics_lib.MetricsWriter(workdir, name, tensorboard=bool(config.tensorboard),
+                                       resume_at=offset + step)
     samples = sampling.SampleMaker(config, st, workdir) if config.samples.enabled else None
     result = {"stage": name, "step": step, "total_steps": st.total_steps}
+    max_bad = int(config.max_nonfinite_in_a_row)
 
     def save(force: bool, reason: str = "") -> bool:
+        if not bool(_params_finite(state.params)):  # never write a non-finite state over a good one
+            raise FloatingPointError(f"stage {name!r} step {step}: parameters are not finite; "
+                                     "not saving over the last good checkpoint")
         meta = {"history": history, "stage": name, "step": step, "reason": reason,
-                "rng": np.asarray(jax.random.key_data(st.rng)).tolist()}
+                "rng": np.asarray(jax.random.key_data(st.rng)).tolist(),
+                "plateau": plateau.state_dict()}
         did = checkpointer.save(step, state, st.loader.get_state(), meta, force=force)
         if did and jax.process_index() == 0 and config.plots:
             try:
@@ -230,16 +265,18 @@ def train_stage(config: Mapping, name: str, workdir: Path,
     pbar = metrics_lib.ProgressBar(st.total_steps, desc=name, initial=step)
     last_log_t, last_log_step = time.monotonic(), step
     stopped = None
-    with controls_lib.StopControls(workdir) as controls:
+    nonfinite_seen, bad_in_a_row = int(state.nonfinite), 0
+    try:
         if samples is not None and step == 0:
             samples.make(state, step)
         while step < st.total_steps:
             req = controls.poll()
             if req["signal"] or req["stop"]:
-                save(True, "signal" if req["signal"] else "stop file")
+                why = "signal" if req["signal"] else ".stop file"
+                save(True, why)
                 checkpointer.wait_until_finished()
-                result.update(step=step, interrupted=True,
-                              reason="signal" if req["signal"] else ".stop file")
+                result.update(step=step, interrupted=True, reason=why)
+                print(f"\n[{name}] saved a checkpoint at step {step} ({why})", flush=True)
                 break
             if req["checkpoint"]:
                 save(True, ".checkpoint file")
@@ -258,14 +295,37 @@ def train_stage(config: Mapping, name: str, workdir: Path,
                       f"{time.monotonic() - t_first:.1f} s", flush=True)
                 compiling = False
             step += 1
+            # Divergence: a skipped update changes nothing (steps/common.py); many in a row stop.
+            nonfinite = int(state.nonfinite)
+            if nonfinite > nonfinite_seen:
+                bad_in_a_row += 1
+                pbar.write(f"[{name}] step {step}: non-finite loss or gradient, update skipped "
+                           f"({bad_in_a_row} in a row, {nonfinite} in total)")
+                if bad_in_a_row >= max_bad:
+                    result.update(step=step, diverged=True, reason=(
+                        f"{bad_in_a_row} non-finite updates in a row (max_nonfinite_in_a_row="
+                        f"{max_bad}); the last good checkpoint is kept - lower the learning rate "
+                        "or check the data, then run the same command to resume from it"))
+                    break
+            else:
+                bad_in_a_row = 0
+            nonfinite_seen = nonfinite
+            host = None
+            if plateau and plateau.due(step):
+                host = _host_metrics(step_metrics)
+                changed = plateau.update(step, host)
+                if changed:
+                    state = apply_lr_scales(state, changed)
+                    pbar.write(f"[{name}] step {step}: plateau - lr scale now " + ", ".join(
+                        f"{g} x{v:.3g}" for g, v in changed.items()))
             if step % int(config.log_interval) == 0 or step == st.total_steps:
-                host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                host = host or _host_metrics(step_metrics)
                 now = time.monotonic()
                 batch_time = (now - last_log_t) / max(1, step - last_log_step)
                 last_log_t, last_log_step = now, step
                 lrs = {k.split("/", 1)[-1]: v for k, v in host.items() if k.startswith("learning/")}
-                ref = metrics_lib.reference_metric_names(host)
-                for k, v in {**ref, **{k: v for k, v in host.items()}}.items():
+                ref = {k: v for k, v in host.items() if "/" not in k}
+                for k, v in host.items():
                     history.setdefault(k, []).append(v if math.isfinite(v) else None)
                     del history[k][:-1000]
                 epoch = (step - 1) // st.epoch_length if st.epoch_length else 0
@@ -286,12 +346,15 @@ def train_stage(config: Mapping, name: str, workdir: Path,
                 save(False, "interval")
                 if samples is not None:
                     samples.make(state, step)
-        late_signal = controls.signal is not None and not result.get("interrupted")
+    except FloatingPointError as e:
+        result.update(step=step, diverged=True, reason=str(e))
     pbar.close()
     writer.flush()
-    if late_signal:  # arrived after the last poll: finish this stage, then stop the pipeline
-        result["stop_requested"] = True
-    if not result.get("interrupted"):
+    if result.get("diverged"):
+        print(f"\n[{name}] stopped: {result['reason']}", flush=True)
+    elif not result.get("interrupted"):
+        if controls.signal is not None:  # arrived after the last poll: finish, then stop the run
+            result["stop_requested"] = True
         save(True, stopped or "end of stage")
         checkpointer.wait_until_finished()
         if samples is not None:

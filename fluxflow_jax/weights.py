@@ -37,13 +37,27 @@ def module_config(module) -> dict:
     return out
 
 
+class WeightsError(ValueError):
+    """A stage's starting weights are missing or unreadable (the message names the file)."""
+
+
 def initial_variables(config: Mapping, models: registry.ModelSet, rng: jax.Array, stage: str,
                       prev_params: Path | None) -> tuple[dict, dict, dict]:
     """``(params, spectral, carried)``: the stage's models' params and D's spectral stats, plus
     params of models this stage does not use (carried through to its outputs unchanged)."""
     sources: dict[str, tuple[dict, dict]] = {}
-    if prev_params is not None and Path(prev_params).exists():
-        sources.update(interop.load_flax_params(prev_params))
+    if prev_params is not None:
+        # A stage after a finished one must start from its weights: never silently re-create
+        # models a finished stage trained.
+        if not Path(prev_params).exists():
+            raise WeightsError(f"{prev_params} is missing: stage {stage!r} starts from the "
+                               "previous stage's weights; restore the file or retrain that stage")
+        try:
+            sources.update(interop.load_flax_params(prev_params))
+        except (OSError, ValueError, KeyError) as e:
+            raise WeightsError(f"{prev_params} cannot be read ({e}); restore it from a backup, "
+                               "or rebuild it with --config.init_from=<that stage's export "
+                               "folder>") from e
     needed = set(models.names())
     missing = needed - set(sources)
     if missing and config.init_from:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -39,12 +40,34 @@ def export_dir(workdir: Path, stage: str) -> Path:
     return Path(workdir) / "export" / stage
 
 
-def read_pipeline_state(workdir: Path) -> dict:
-    """``{'finished': [...], 'current': name|None, 'results': {...}, 'last_stop': {...}}``."""
+def read_pipeline_state(workdir: Path, stage_order: list[str] | None = None) -> dict:
+    """``{'finished': [...], 'current': name|None, 'results': {...}, 'last_stop': {...}}``.
+
+    A damaged file (truncated, not JSON, wrong shape) is moved aside (never deleted) and, given
+    ``stage_order``, rebuilt from what is on disk: a stage counts as finished when its param file
+    exists and every stage before it is finished too.
+    """
     p = pipeline_state_path(workdir)
-    if p.exists():
-        return json.loads(p.read_text())
-    return {"finished": [], "current": None}
+    if not p.exists():
+        return {"finished": [], "current": None}
+    try:
+        state = json.loads(p.read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("finished"), list):
+            raise ValueError("no 'finished' list")
+        return state
+    except (ValueError, UnicodeDecodeError) as e:
+        if stage_order is None:
+            raise ValueError(f"{p} is damaged ({e}); run the training command to rebuild it") from e
+        aside = p.with_name(f"{p.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(p, aside)
+        finished = []
+        for name in stage_order:
+            if not stage_params_path(workdir, name).exists():
+                break
+            finished.append(name)
+        print(f"[pipeline] {p.name} was damaged ({e}); moved to {aside.name} and rebuilt from "
+              f"disk: finished = {finished}", flush=True)
+        return {"finished": finished, "current": None}
 
 
 def write_pipeline_state(workdir: Path, state: Mapping) -> None:

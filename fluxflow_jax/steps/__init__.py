@@ -13,13 +13,22 @@ override with ``advance_step=``). See ``common`` for the NaN policy.
 from __future__ import annotations
 
 from fluxflow_jax.state import TrainState, step_params
+from fluxflow_jax.steps import disc, flow, vae
 from fluxflow_jax.steps.common import LOSS_DEFAULTS, loss_settings
 from fluxflow_jax.steps.disc import make_disc_step
 from fluxflow_jax.steps.flow import make_flow_step
 from fluxflow_jax.steps.vae import make_vae_step
 
+# Metric names each step kind may log ('train/skipped_<kind>' besides).
+METRICS: dict[str, tuple[str, ...]] = {
+    "vae": vae.METRICS + ("train/skipped_vae",),
+    "disc": disc.METRICS + ("train/skipped_disc",),
+    "flow": flow.METRICS + ("train/skipped_flow",),
+}
+
 __all__ = [
     "LOSS_DEFAULTS",
+    "METRICS",
     "TrainState",
     "loss_settings",
     "make_disc_step",

@@ -28,6 +28,9 @@ STEP_FLAGS: dict[str, Any] = {
 }
 LOSS_DEFAULTS: dict[str, Any] = {**STEP_FLAGS, **losses.loss_defaults()}
 
+# Logged by every step (``finish``): the non-finite counter (per-kind skip flags are added there).
+COMMON_METRICS = ("train/nonfinite",)
+
 # Distinct streams per step kind: the D and G steps of one iteration share state.step.
 KIND_IDS = {"vae": 1, "disc": 2, "flow": 3}
 

@@ -27,6 +27,11 @@ from fluxflow_jax.steps import common
 F32 = jnp.float32
 
 
+# What this step may log (the loop checks stop/plateau metric names against it).
+METRICS = ("train/loss_d", "train/loss_d_hinge", "train/d_real", "train/d_fake", "train/r1",
+           "train/grad_norm_disc") + common.COMMON_METRICS
+
+
 def make_disc_step(models: ModelSet, tx: optax.GradientTransformation,
                    loss_cfg: Mapping[str, Any] | None, mesh: Mesh, state_sharding: Any, *,
                    image_hw: tuple[int, int] | None = None, frozen: Collection[str] = (),

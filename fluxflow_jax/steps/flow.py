@@ -68,6 +68,11 @@ def flow_latent_grid(models: ModelSet, n_tokens: int,
     return h, w
 
 
+# What this step may log (the loop checks stop/plateau metric names against it).
+METRICS = ("train/loss_flow", "train/pred_mean", "train/pred_std", "train/t_mean",
+           "train/grad_norm_flow", "train/grad_norm_text") + common.COMMON_METRICS
+
+
 def make_flow_step(models: ModelSet, tx: optax.GradientTransformation,
                    loss_cfg: Mapping[str, Any] | None, mesh: Mesh, state_sharding: Any, *,
                    image_hw: tuple[int, int] | None = None, frozen: Collection[str] = (),

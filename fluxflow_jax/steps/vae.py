@@ -46,6 +46,13 @@ def load_lpips_params(cfg: Mapping[str, Any], lpips_params: dict | None) -> dict
     return load_lpips_weights(paths)
 
 
+# What this step may log (the loop checks stop/plateau metric names against it; the GAN, LPIPS and
+# adaptive-weight entries appear only when those are on).
+METRICS = ("train/loss_recon", "train/kl", "train/kl_beta", "train/loss_vae", "train/color_stats",
+           "train/hist", "train/contrast", "train/loss_g", "train/lpips", "train/weight_recon",
+           "train/weight_kl", "train/weight_gan", "train/grad_norm_vae") + common.COMMON_METRICS
+
+
 def make_vae_step(models: ModelSet, tx: optax.GradientTransformation,
                   loss_cfg: Mapping[str, Any] | None, mesh: Mesh, state_sharding: Any, *,
                   image_hw: tuple[int, int] | None = None, frozen: Collection[str] = (),
