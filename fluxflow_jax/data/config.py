@@ -12,6 +12,7 @@ import math
 from typing import Any, Mapping
 
 TYPES = ("folder", "jsonl", "webdataset", "tfds", "shapes", "cache")
+MAP_TYPES = ("folder", "jsonl", "tfds", "shapes")   # random-access sources (map_loader.py)
 
 COMMON = {
     "type": None,

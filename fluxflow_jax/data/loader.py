@@ -18,9 +18,11 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
-from fluxflow_jax.data.config import content_fingerprint, dataset_name, resolve, to_plain
-
-MAP_TYPES = ("folder", "jsonl", "tfds", "shapes")
+from fluxflow_jax.data.cache import CacheLoader
+from fluxflow_jax.data.config import (MAP_TYPES, content_fingerprint, dataset_name, resolve,
+                                      to_plain)
+from fluxflow_jax.data.map_loader import make_map_loader
+from fluxflow_jax.data.webdataset_loader import StreamLoader, expand_urls
 
 
 def _process_info(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -50,23 +52,14 @@ def make_loader(ds_cfg: Mapping, *, global_batch_size: int, seed: int, tokenizer
     pi, pc = _process_info(process_index, process_count)
     typ = cfg["type"]
     if typ in MAP_TYPES:
-        from fluxflow_jax.data.map_loader import MapLoader
-        from fluxflow_jax.data.sources import make_source
-
-        source = make_source(cfg, name)
-        fp = content_fingerprint(cfg, source.fingerprint())
-        return MapLoader(cfg, source, name=name, global_batch_size=global_batch_size, seed=seed,
-                         tokenizer=tokenizer, process_index=pi, process_count=pc, fingerprint=fp)
+        return make_map_loader(cfg, name=name, global_batch_size=global_batch_size, seed=seed,
+                               tokenizer=tokenizer, process_index=pi, process_count=pc)
     if typ == "webdataset":
-        from fluxflow_jax.data.webdataset_loader import StreamLoader, expand_urls
-
         fp = content_fingerprint(cfg, [os.path.basename(u) for u in expand_urls(cfg["urls"])])
         return StreamLoader(cfg, name=name, global_batch_size=global_batch_size, seed=seed,
                             tokenizer=tokenizer, process_index=pi, process_count=pc,
                             fingerprint=fp)
     if typ == "cache":
-        from fluxflow_jax.data.cache import CacheLoader
-
         return CacheLoader(cfg, name=name, global_batch_size=global_batch_size, seed=seed,
                            process_index=pi, process_count=pc)
     raise AssertionError(typ)  # resolve() already rejected unknown types

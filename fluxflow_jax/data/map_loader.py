@@ -23,9 +23,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from fluxflow_jax.data import plan as planlib
-from fluxflow_jax.data.config import is_fixed_size, split_batch
+from fluxflow_jax.data.config import content_fingerprint, is_fixed_size, split_batch
 from fluxflow_jax.data.errors import BadSample, BadSampleLog, DataError, format_counts
-from fluxflow_jax.data.sources import MapSource, scan_sizes
+from fluxflow_jax.data.sources import MapSource, make_source, scan_sizes
 from fluxflow_jax.data.tokenizer import tokenize
 from fluxflow_jax.data.transforms import assign_bucket, bucket_list, resize_crop, to_float
 
@@ -321,6 +321,21 @@ class MapLoader(PlannedLoader):
         ids, mask = tokenize(self.tokenizer, caps, self.cfg["max_length"])
         return {"image": to_float(np.stack(images)), "input_ids": ids, "attention_mask": mask,
                 "_k": k, "_bad": events}
+
+
+def make_map_loader(cfg: Mapping, *, name: str, global_batch_size: int, seed: int, tokenizer,
+                    process_index: int, process_count: int) -> MapLoader:
+    """MapLoader over the source of a *resolved* map-style config (folder, jsonl, tfds, shapes).
+
+    Lives here rather than in ``loader.py`` because both ``make_loader`` and
+    ``build_latent_cache`` (``cache.py``, itself imported by ``loader.py``) build one: this is the
+    shared piece that keeps ``cache.py`` from importing ``loader.py``.
+    """
+    source = make_source(cfg, name)
+    fp = content_fingerprint(cfg, source.fingerprint())
+    return MapLoader(cfg, source, name=name, global_batch_size=global_batch_size, seed=seed,
+                     tokenizer=tokenizer, process_index=process_index,
+                     process_count=process_count, fingerprint=fp)
 
 
 def check_state(state: Mapping, kind: str, name: str, fingerprint: str,
