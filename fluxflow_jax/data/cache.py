@@ -242,8 +242,21 @@ class CacheLoader(PlannedLoader):
         self.shards = self.manifest["shards"]
         starts = np.cumsum([0] + [s["count"] for s in self.shards])
         self._starts = starts
+        # A manifest is data too (copied, downloaded): its file names must stay in the cache
+        # folder, symlinks included; a shard that leads out is skipped, never opened.
+        root = self.path.resolve()
+        self._files: list[Path | None] = []
+        skipped: Counter = Counter()
         by_bucket: dict[tuple, list] = {}
         for k, s in enumerate(self.shards):
+            f = (self.path / str(s["file"])).resolve()
+            if not f.is_relative_to(root):
+                self._files.append(None)
+                skipped["outside_folder"] += int(s["count"])
+                log.warning("datasets.%s: skipped latent cache shard %r: outside_folder (it "
+                            "resolves outside %s)", name, s["file"], self.path)
+                continue
+            self._files.append(f)
             by_bucket.setdefault(tuple(s["bucket"]), []).append(
                 np.arange(starts[k], starts[k + 1], dtype=np.int64))
         bucket_sizes = sorted(by_bucket)
@@ -257,7 +270,7 @@ class CacheLoader(PlannedLoader):
                     process_index=process_index, process_count=process_count,
                     fingerprint=self.manifest["fingerprint"], shuffle=cfg["shuffle"],
                     workers=cfg["workers"], prefetch=cfg["prefetch"], listed=n,
-                    base_counts=Counter())
+                    base_counts=skipped)
 
     def _shard(self, k: int):
         from safetensors import safe_open
@@ -267,7 +280,7 @@ class CacheLoader(PlannedLoader):
             cache = self._handles.files = {}
         f = cache.get(k)
         if f is None:
-            f = cache[k] = safe_open(str(self.path / self.shards[k]["file"]), framework="numpy")
+            f = cache[k] = safe_open(str(self._files[k]), framework="numpy")
         return f
 
     def _load_batch(self, k: int) -> dict:
