@@ -290,7 +290,7 @@ class StreamSpec:
         # Bad samples are counted once each (the stream meets them again every epoch): the
         # counters say how much of the data is bad, not how long the run has been going.
         bad_seen = {tuple(x) for x in st.get("bad_seen", [])}
-        bad_list = [list(x) for x in sorted(bad_seen)]
+        bad_list = [list(x) for x in st.get("bad_seen", [])]   # in the order met
         size = self.cfg["shuffle_buffer"] if self.cfg["shuffle"] else 0
         if st.get("shuffle_size") is not None:
             size = int(st["shuffle_size"])
