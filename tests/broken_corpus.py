@@ -30,10 +30,9 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from test_data_helpers import encode, odd_mode_images, shape_image
 
 from fluxflow_jax.data.transforms import to_float
-from test_data_helpers import encode, odd_mode_images, shape_image
 
 HW = (32, 32)
 WORDS = ("red", "blue", "green", "small", "large", "circle", "square", "triangle", "left",

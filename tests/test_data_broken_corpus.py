@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from broken_corpus import build_folder_corpus, build_webdataset_corpus, watch_opens
-from fluxflow_jax.data import make_loader, tokenize
 from test_data_helpers import tok
+
+from fluxflow_jax.data import make_loader, tokenize
 
 
 def _loader(cfg, **kw):
@@ -89,7 +89,7 @@ def test_folder_corpus_in_bucket_mode_finds_bad_headers_before_the_first_batch(t
 def test_webdataset_corpus_uses_every_good_sample_and_counts_every_bad_one(tmp_path, workers):
     corpus = build_webdataset_corpus(tmp_path)
     n = len(corpus.good)
-    L, seen, stats, opened = _run(corpus, 3 * n, workers=workers)
+    _, seen, stats, opened = _run(corpus, 3 * n, workers=workers)
     assert sorted(seen) == sorted(list(corpus.good) * 3)
     _check_counts(stats, corpus)          # three passes: still each bad sample once
     assert stats["epoch"] >= 2
@@ -99,7 +99,7 @@ def test_webdataset_corpus_uses_every_good_sample_and_counts_every_bad_one(tmp_p
 def test_webdataset_corpus_with_a_shuffle_buffer_larger_than_the_data(tmp_path):
     corpus = build_webdataset_corpus(tmp_path)
     n = len(corpus.good)
-    L, seen, stats, _ = _run(corpus, 2 * n, shuffle=True, shuffle_buffer=1000, workers=2)
+    _, seen, stats, _ = _run(corpus, 2 * n, shuffle=True, shuffle_buffer=1000, workers=2)
     assert set(seen) == set(corpus.good)
     _check_counts(stats, corpus)
     assert stats["epoch"] <= 4

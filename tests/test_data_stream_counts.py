@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import logging
 
-from fluxflow_jax.data import make_loader, shapes
 from test_data_helpers import check_resume, encode, shape_image, take, tok
 from test_data_webdataset import write_tar
+
+from fluxflow_jax.data import make_loader, shapes
 
 
 def _tiny_stream(root):

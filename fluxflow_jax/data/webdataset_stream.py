@@ -33,6 +33,7 @@ from fluxflow_jax.data.transforms import (assign_bucket, check_min_size, decode_
 DONE = -1                 # cursor offset: the shard was cut short by an error, go to the next
 SHUFFLE_SALT = 0x53485546
 _SAMPLE_SALT = 0x57445331
+RETRY_DELAY_S = 1.0        # first back-off before re-opening a remote shard (then doubled)
 REMOTE = ("http://", "https://", "pipe:", "gs://", "s3://", "sftp://", "scp://", "ftps://")
 
 
@@ -209,7 +210,7 @@ class StreamSpec:
             if err is None:
                 return
             if attempt + 1 < attempts:
-                time.sleep(1.0 * 2**attempt)
+                time.sleep(RETRY_DELAY_S * 2**attempt)
         yield skip, err
 
     def refetch(self, refs: list, stop: threading.Event) -> dict:
