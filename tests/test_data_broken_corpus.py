@@ -1,5 +1,5 @@
 """The broken corpus (``broken_corpus.py``) through ``make_loader`` for the folder, JSONL and
-WebDataset sources: every good and convertible sample is used, every bad one is skipped and
+WebDataset sources (and the TFDS packer): every good and convertible sample is used, every bad one is skipped and
 counted under its reason (once, however many epochs), nothing crashes, and nothing outside the
 dataset folder is opened."""
 from __future__ import annotations
@@ -10,6 +10,7 @@ from broken_corpus import build_folder_corpus, build_webdataset_corpus, watch_op
 from test_data_helpers import tok
 
 from fluxflow_jax.data import make_loader, tokenize
+from fluxflow_jax.data.tfds_pack import pack_folder
 
 
 def _loader(cfg, **kw):
@@ -111,3 +112,24 @@ def test_audit_hook_sees_an_open_outside(tmp_path):
     with watch_opens(corpus.outside) as opened:
         (corpus.outside / "secret.png").read_bytes()
     assert opened == [str((corpus.outside / "secret.png").resolve())]
+
+
+def test_folder_corpus_packed_to_tfds_then_loaded(tmp_path):
+    """The TFDS packer refuses the same entries (nothing outside opened); images it cannot know
+    are too small for a later config are packed and skipped by the loader."""
+    corpus = build_folder_corpus(tmp_path / "c")
+    cfg = corpus.config
+    with watch_opens(corpus.outside) as opened:
+        res = pack_folder(cfg["image_folder"], cfg["captions_file"], str(tmp_path / "tfds"),
+                          "broken_corpus")
+    assert opened == []
+    packed_skips = {r: n for r, n in corpus.skipped.items() if r != "too_small"}
+    assert res["skipped"] == packed_skips
+    n_small = corpus.skipped["too_small"]
+    assert res["num_examples"] == len(corpus.good) + n_small
+    L = _loader({"type": "tfds", "tfds_name": "broken_corpus", "data_dir": str(tmp_path / "tfds"),
+                 "img_size": 32, "resize_mode": "fixed", "max_length": 16, "shuffle": False})
+    seen = {_identify(next(L), corpus) for _ in range(L.epoch_length)}
+    assert seen == set(corpus.good)
+    assert L.stats()["skipped_too_small"] == n_small and L.stats()["skipped_total"] == n_small
+    L.close()
