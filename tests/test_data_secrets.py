@@ -15,7 +15,7 @@ from test_data_helpers import assert_same_batches, take, tok
 
 from fluxflow_jax.data import DataError, make_loader, webdataset_stream
 from fluxflow_jax.data.demo import write_shapes_shards
-from fluxflow_jax.data.secrets import redact
+from fluxflow_jax.data.secrets import redact, redacted_json
 
 TOKEN = "hf_S3cretT0kenAbCdEfGhIjKl"
 SECRETS = (TOKEN, "s3cr3tpw", "qwerty123")
@@ -105,6 +105,20 @@ def test_redact_masks_a_config_without_touching_it():
     assert out["tokenizer"] == "/models/tok" and out["hub"]["max_tokens"] == 5
     assert out["hub"]["hf_token"] == "***" and out["seed"] == 3
     assert cfg.datasets.train.urls[0] == "https://bob:s3cr3tpw@h/a.tar"   # input unchanged
+
+
+def test_redacted_json_is_the_config_json_with_credentials_masked():
+    cfg = ml_collections.ConfigDict({
+        "stage_order": ("a", "b"), "lr": 1e-3,
+        "datasets": {"train": {"type": "webdataset", "urls": f"https://h/x.tar?token={TOKEN}"}}})
+    text = redacted_json(cfg)
+    assert TOKEN not in text
+    plain = json.loads(cfg.to_json_best_effort(indent=2))
+    plain["datasets"]["train"]["urls"] = "https://h/x.tar?token=***"
+    assert json.loads(text) == plain
+    # a config without secrets is written exactly as before
+    del cfg.datasets
+    assert redacted_json(cfg) == cfg.to_json_best_effort(indent=2)
 
 
 def test_tokens_in_urls_never_reach_warnings_or_errors(shards, tmp_path, caplog):

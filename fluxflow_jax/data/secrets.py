@@ -9,6 +9,7 @@ that is read only when a shard is opened (:func:`resolve_headers`) and never sto
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -73,6 +74,15 @@ def redact(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [redact(v) for v in value]
     return value
+
+
+def redacted_json(config: Any, indent: int = 2) -> str:
+    """``config`` as JSON text with credentials masked - what to write as a run's
+    ``config.json``. A ConfigDict goes through its own ``to_json_best_effort`` first, so values
+    plain JSON cannot hold are encoded exactly as an unredacted file would encode them."""
+    if hasattr(config, "to_json_best_effort"):
+        config = json.loads(config.to_json_best_effort())
+    return json.dumps(redact(config), indent=indent)
 
 
 def _mask_value(v: Any) -> Any:
