@@ -163,6 +163,50 @@ def test_token_env_is_sent_as_a_bearer_header_and_read_at_open_time(shards, monk
             next(late)
 
 
+def test_credentials_are_not_forwarded_to_another_host_on_redirect(shards, monkeypatch):
+    cfg, root = shards
+    want = take(_loader(cfg), 2)
+    monkeypatch.setenv("FFJ_TEST_TOKEN", TOKEN)
+    seen = []
+
+    class Cdn(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.headers.get("Authorization"))
+            super().do_GET()
+
+        def log_message(self, *a):
+            pass
+
+    cdn = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Cdn, directory=str(root)))
+    threading.Thread(target=cdn.serve_forever, daemon=True).start()
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.headers.get("Authorization") != f"Bearer {TOKEN}":
+                self.send_error(403)
+                return
+            self.send_response(302)
+            self.send_header("Location", f"http://localhost:{cdn.server_port}{self.path}")
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    hub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=hub.serve_forever, daemon=True).start()
+    try:
+        L = _loader({**cfg, "urls": f"http://127.0.0.1:{hub.server_port}/shard-"
+                     "{000000..000001}.tar", "token_env": "FFJ_TEST_TOKEN"})
+        assert_same_batches(want, take(L, 2))
+        L.close()
+    finally:
+        for srv in (hub, cdn):
+            srv.shutdown()
+            srv.server_close()
+    assert seen and all(h is None for h in seen)
+
+
 def test_headers_with_env_values(shards, monkeypatch):
     cfg, root = shards
     want = take(_loader(cfg), 2)

@@ -18,6 +18,8 @@ import os
 import queue
 import threading
 import time
+import urllib.parse
+import urllib.request
 from collections import Counter
 from typing import Any, Iterator, Mapping
 
@@ -53,15 +55,29 @@ def expand_urls(urls: list[str]) -> list[str]:
     return out
 
 
+class _NoCredentialsAcrossHosts(urllib.request.HTTPRedirectHandler):
+    """Follow redirects, but send the configured headers to the first host only: a hub that
+    redirects to a CDN (with a signed URL) must not hand the CDN our token. urllib alone
+    would copy every header to whatever host the redirect names."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and (urllib.parse.urlsplit(newurl).netloc
+                                != urllib.parse.urlsplit(req.full_url).netloc):
+            for k in list(new.headers):
+                new.remove_header(k)
+        return new
+
+
+_OPENER = urllib.request.build_opener(_NoCredentialsAcrossHosts)
+
+
 def _http_samples(url: str, headers: Mapping[str, str], handler):
     """Samples of an http(s) shard fetched with ``headers`` (webdataset's own opener, curl,
     cannot be given headers without putting them on a command line)."""
-    import urllib.request
-
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    stream = urllib.request.urlopen(urllib.request.Request(url, headers=dict(headers)),
-                                    timeout=60)
+    stream = _OPENER.open(urllib.request.Request(url, headers=dict(headers)), timeout=60)
     try:
         files = tar_file_expander([{"url": url, "stream": stream}], handler=handler)
         yield from group_by_keys(files, handler=handler)
