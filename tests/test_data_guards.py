@@ -4,12 +4,14 @@ outside their folder."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 
 import numpy as np
 import pytest
 from broken_corpus import watch_opens
+from PIL import ImageFile
 from test_data_cache import encode_image, encode_text
 from test_data_helpers import encode, shape_image, take, tok
 
@@ -68,6 +70,21 @@ def test_fingerprints_of_older_configs_are_unchanged():
     tok_url = {"type": "webdataset", "urls": "https://u:p@h/x/shard-{0..3}.tar?token=abc"}
     assert _loader(tok_url).fingerprint == _loader(
         {**tok_url, "urls": "https://h/x/shard-{0..3}.tar"}).fingerprint
+
+
+def test_load_truncated_images_setting_is_warned_about(tmp_path, monkeypatch, caplog):
+    cfg = _sized_folder(tmp_path / "d", [(32, 32)] * 2)
+    full = (tmp_path / "d" / "1.png").read_bytes()
+    (tmp_path / "d" / "1.png").write_bytes(full[: len(full) // 2])
+    L = _loader(cfg, G=1)
+    take(L, 2)
+    assert L.stats()["skipped_truncated_image"] == 1
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with caplog.at_level(logging.WARNING, logger="fluxflow_jax.data"):
+        L = _loader(cfg, G=1)
+    assert any("LOAD_TRUNCATED_IMAGES is True" in r.getMessage() for r in caplog.records)
+    take(L, 2)
+    assert L.stats()["skipped_total"] == 0        # what the warning is about
 
 
 def _cache(tmp_path):

@@ -15,8 +15,11 @@ The training loop sees a single protocol, whatever the source:
 """
 from __future__ import annotations
 
+import logging
 import os
-from typing import Mapping
+from collections.abc import Mapping
+
+from PIL import ImageFile
 
 from fluxflow_jax.data.cache import CacheLoader
 from fluxflow_jax.data.config import (MAP_TYPES, MIN_SIZE, content_fingerprint, dataset_name,
@@ -24,6 +27,8 @@ from fluxflow_jax.data.config import (MAP_TYPES, MIN_SIZE, content_fingerprint, 
 from fluxflow_jax.data.map_loader import make_map_loader
 from fluxflow_jax.data.secrets import redact
 from fluxflow_jax.data.webdataset_loader import StreamLoader, expand_urls
+
+log = logging.getLogger("fluxflow_jax.data")
 
 
 def _process_info(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -55,6 +60,12 @@ def make_loader(ds_cfg: Mapping, *, global_batch_size: int, seed: int, tokenizer
     if min_size is not None and isinstance(plain, dict):
         plain = {**plain, "min_size": max(int(min_size), plain.get("min_size", MIN_SIZE))}
     cfg = resolve(plain, name)
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        # process-global and set by many scripts "to stop PIL errors": it turns damaged files
+        # into silently grey-padded training samples instead of counted skips
+        log.warning("datasets.%s: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process: "
+                    "truncated images are decoded padded with grey instead of being skipped as "
+                    "truncated_image; set it to False", name)
     pi, pc = _process_info(process_index, process_count)
     typ = cfg["type"]
     if typ in MAP_TYPES:
