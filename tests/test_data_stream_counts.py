@@ -38,6 +38,7 @@ def test_bad_stream_samples_are_counted_once_however_many_passes(tmp_path, caplo
     assert L.epoch <= 14, L.epoch
     warned = [r.getMessage() for r in caplog.records if "shuffle_buffer=256" in r.getMessage()]
     assert len(warned) == 1 and "using 2" in warned[0], warned
+    assert L.get_state()["shuffle_size"] == 2     # a resumed run keeps the shrunk buffer
     L.close()
 
 

@@ -309,8 +309,9 @@ class StreamSpec:
         bad_seen = {tuple(x) for x in st.get("bad_seen", [])}
         bad_list = [list(x) for x in st.get("bad_seen", [])]   # in the order met
         size = self.cfg["shuffle_buffer"] if self.cfg["shuffle"] else 0
-        if st.get("shuffle_size") is not None:
-            size = int(st["shuffle_size"])
+        cap = st.get("shuffle_size")    # set once the buffer has been found larger than the data
+        if cap is not None:
+            size = min(size, int(cap))
         active = self.active
 
         def snapshot() -> dict:
@@ -320,7 +321,7 @@ class StreamSpec:
                                 for (h, w), items in sorted(pending.items()) if items],
                     "skipped": dict(sorted(skipped.items())), "batches": batches,
                     "epoch": epoch, "waiting": sorted(waiting), "epoch_good": epoch_good,
-                    "bad_seen": list(bad_list), "shuffle_size": size}
+                    "bad_seen": list(bad_list), "shuffle_size": cap}
 
         def accept(item) -> None:
             nonlocal batches
@@ -371,7 +372,7 @@ class StreamSpec:
                         self.log.warn_once(
                             f"shuffle_buffer={size} is larger than the data set ({len(buffer)} "
                             f"usable samples per epoch on this host); using {len(buffer)}")
-                        size = len(buffer)
+                        size = cap = len(buffer)
                     epoch, epoch_good = epoch + 1, 0
             elif kind == "ok":
                 epoch_good += 1
