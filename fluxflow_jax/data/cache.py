@@ -28,9 +28,11 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from fluxflow_jax.data.config import resolve
+from fluxflow_jax.data.config import (MAP_TYPES, content_fingerprint, dataset_name, resolve,
+                                      to_plain)
 from fluxflow_jax.data.errors import BadSample, DataError, format_counts
-from fluxflow_jax.data.map_loader import PlannedLoader
+from fluxflow_jax.data.map_loader import MapLoader, PlannedLoader, make_map_loader
+from fluxflow_jax.data.sources import make_source
 from fluxflow_jax.data.tokenizer import tokenize
 from fluxflow_jax.data.transforms import to_float
 
@@ -61,9 +63,6 @@ def _combine(content_fp: str, encoder_fp: str) -> str:
 
 def cache_fingerprint(ds_cfg: Mapping, encoder_fingerprint: str, *, name: str = "train") -> str:
     """Cache key of a dataset config (its content and source files) and encoder parameters."""
-    from fluxflow_jax.data.config import content_fingerprint
-    from fluxflow_jax.data.sources import make_source
-
     cfg = resolve(ds_cfg, name)
     source = make_source(cfg, name)
     return _combine(content_fingerprint(cfg, source.fingerprint()), encoder_fingerprint)
@@ -93,15 +92,18 @@ def build_latent_cache(loader_or_source, encode_image_fn: Callable, encode_text_
     as is (idempotent); a different one is an error unless ``overwrite``. Written to a temporary
     directory and renamed at the end, so an interrupted build never looks complete.
     """
-    from fluxflow_jax.data.loader import make_loader
-    from fluxflow_jax.data.map_loader import MapLoader
-
     loader = loader_or_source
     if isinstance(loader_or_source, Mapping) or hasattr(loader_or_source, "to_dict"):
         if tokenizer is None:
             raise ValueError("build_latent_cache: a dataset config needs tokenizer=")
-        loader = make_loader(loader_or_source, global_batch_size=1, seed=0, tokenizer=tokenizer,
-                             process_index=0, process_count=1, name=name)
+        name = dataset_name(name)
+        cfg = resolve(to_plain(loader_or_source), name)
+        if cfg["type"] not in MAP_TYPES:
+            raise TypeError("build_latent_cache: needs a map-style dataset (folder, jsonl, tfds, "
+                            f"shapes), got type {cfg['type']!r}; pack streams with tfds_pack "
+                            "first")
+        loader = make_map_loader(cfg, name=name, global_batch_size=1, seed=0,
+                                 tokenizer=tokenizer, process_index=0, process_count=1)
     if not isinstance(loader, MapLoader):
         raise TypeError("build_latent_cache: needs a map-style dataset (folder, jsonl, tfds, "
                         f"shapes), got {type(loader).__name__}; pack streams with tfds_pack first")
@@ -240,8 +242,21 @@ class CacheLoader(PlannedLoader):
         self.shards = self.manifest["shards"]
         starts = np.cumsum([0] + [s["count"] for s in self.shards])
         self._starts = starts
+        # A manifest is data too (copied, downloaded): its file names must stay in the cache
+        # folder, symlinks included; a shard that leads out is skipped, never opened.
+        root = self.path.resolve()
+        self._files: list[Path | None] = []
+        skipped: Counter = Counter()
         by_bucket: dict[tuple, list] = {}
         for k, s in enumerate(self.shards):
+            f = (self.path / str(s["file"])).resolve()
+            if not f.is_relative_to(root):
+                self._files.append(None)
+                skipped["outside_folder"] += int(s["count"])
+                log.warning("datasets.%s: skipped latent cache shard %r: outside_folder (it "
+                            "resolves outside %s)", name, s["file"], self.path)
+                continue
+            self._files.append(f)
             by_bucket.setdefault(tuple(s["bucket"]), []).append(
                 np.arange(starts[k], starts[k + 1], dtype=np.int64))
         bucket_sizes = sorted(by_bucket)
@@ -255,7 +270,7 @@ class CacheLoader(PlannedLoader):
                     process_index=process_index, process_count=process_count,
                     fingerprint=self.manifest["fingerprint"], shuffle=cfg["shuffle"],
                     workers=cfg["workers"], prefetch=cfg["prefetch"], listed=n,
-                    base_counts=Counter())
+                    base_counts=skipped)
 
     def _shard(self, k: int):
         from safetensors import safe_open
@@ -265,7 +280,7 @@ class CacheLoader(PlannedLoader):
             cache = self._handles.files = {}
         f = cache.get(k)
         if f is None:
-            f = cache[k] = safe_open(str(self.path / self.shards[k]["file"]), framework="numpy")
+            f = cache[k] = safe_open(str(self._files[k]), framework="numpy")
         return f
 
     def _load_batch(self, k: int) -> dict:

@@ -11,8 +11,12 @@ import json
 import math
 from typing import Any, Mapping
 
-TYPES = ("folder", "jsonl", "webdataset", "tfds", "shapes", "cache")
+from fluxflow_jax.data.secrets import ENV_PREFIX, redact
 
+TYPES = ("folder", "jsonl", "webdataset", "tfds", "shapes", "cache")
+MAP_TYPES = ("folder", "jsonl", "tfds", "shapes")   # random-access sources (map_loader.py)
+
+MIN_SIZE = 16
 COMMON = {
     "type": None,
     "img_size": 64,             # fixed: output size (int or [h, w]); bucket: target area / cap
@@ -29,14 +33,19 @@ COMMON = {
     "shuffle_buffer": 256,      # streaming sources only
     "num_samples": None,        # cap (map-style); epoch-size hint (webdataset); size (shapes)
     "scan_cache": None,         # JSON file caching image sizes for bucket assignment
+    "min_size": MIN_SIZE,       # images whose shorter side is below this are skipped (too_small)
 }
+# Why 16: below the smallest bucket side an image is mostly interpolation, and a 1-pixel "image"
+# (a tracking pixel, a broken thumbnail) is noise the model would be asked to reconstruct.
 
 PER_TYPE = {
     "folder": {"image_folder": None, "captions_file": None},
     "jsonl": {"image_folder": None, "captions_file": None, "image_key": "image",
               "caption_key": "caption"},
     "webdataset": {"urls": None, "image_key": "jpg;jpeg;png;webp", "caption_key": "txt",
-                   "caption_json_key": None},
+                   "caption_json_key": None,
+                   # credentials for http(s) shards, read from the environment at open time
+                   "token_env": None, "headers": None},
     "tfds": {"tfds_name": None, "data_dir": None, "split": "train", "image_key": None,
              "caption_key": None},
     "shapes": {"generator_seed": 0, "max_objects": 2},
@@ -52,7 +61,11 @@ REQUIRED = {
     "cache": ("path",),
 }
 # Keys that do not change which pixels/tokens a sample becomes; left out of content fingerprints.
-LOADER_ONLY = ("workers", "prefetch", "shuffle", "shuffle_buffer", "scan_cache", "crop", "flip")
+LOADER_ONLY = ("workers", "prefetch", "shuffle", "shuffle_buffer", "scan_cache", "crop", "flip",
+               "token_env", "headers")
+# Keys added after datasets were fingerprinted: left out of the fingerprint while at their
+# default, so checkpoints and latent caches made before the key existed still match.
+LATE_DEFAULTS = {"min_size": MIN_SIZE}
 # Where the data lives is not what it is: a dataset copied to another disk still resumes and still
 # matches its latent cache (the sources add a hash of their index instead).
 PATH_KEYS = ("image_folder", "captions_file", "data_dir", "urls", "path")
@@ -137,7 +150,8 @@ def resolve(ds_cfg: Mapping, name: str = "train") -> dict:
     for key in ("flip", "shuffle"):
         if not isinstance(cfg[key], bool):
             raise _err(name, key, f"must be a bool, got {cfg[key]!r}")
-    for key, lo in (("max_length", 2), ("workers", 0), ("prefetch", 1), ("shuffle_buffer", 0)):
+    for key, lo in (("max_length", 2), ("workers", 0), ("prefetch", 1), ("shuffle_buffer", 0),
+                    ("min_size", 1)):
         v = cfg[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise _err(name, key, f"must be an int >= {lo}, got {v!r}")
@@ -152,11 +166,35 @@ def resolve(ds_cfg: Mapping, name: str = "train") -> dict:
         if isinstance(urls, str):
             cfg["urls"] = [urls]
         elif not (isinstance(urls, list) and all(isinstance(u, str) for u in urls)):
-            raise _err(name, "urls", f"must be a string or a list of strings, got {urls!r}")
+            raise _err(name, "urls", f"must be a string or a list of strings, got "
+                                     f"{redact(urls)!r}")
+        _check_credentials(cfg, name)
     mo = cfg.get("max_objects")
     if typ == "shapes" and not (isinstance(mo, int) and 1 <= mo <= 2):
         raise _err(name, "max_objects", f"must be 1 or 2, got {cfg['max_objects']!r}")
     return cfg
+
+
+def _check_credentials(cfg: dict, name: str) -> None:
+    """``token_env`` / ``headers`` are sent with http(s) shards only: a ``pipe:`` command gets the
+    environment anyway (write ``$HF_TOKEN`` in it), and a key that reaches no request would be
+    a silent no-op."""
+    te, hd = cfg["token_env"], cfg["headers"]
+    if te is not None and not (isinstance(te, str) and te.isidentifier()):
+        raise _err(name, "token_env", f"must be an environment variable name like 'HF_TOKEN', "
+                                      f"got {redact(te)!r}")
+    if hd is not None:
+        if not (isinstance(hd, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                             for k, v in hd.items())):
+            raise _err(name, "headers", "must be a mapping of header name -> string (a value "
+                                        "'env:NAME' is read from the environment)")
+        for k, v in hd.items():
+            if v.startswith(ENV_PREFIX) and not v[len(ENV_PREFIX):].isidentifier():
+                raise _err(name, f"headers.{k}", f"{v!r} does not name an environment variable")
+    if (te or hd) and not any(u.startswith(("http://", "https://")) for u in cfg["urls"]):
+        key = "token_env" if te else "headers"
+        raise _err(name, key, "is sent with http(s) urls only and no url is one; in a pipe: "
+                              "command write the variable instead (e.g. \"$HF_TOKEN\")")
 
 
 def validate_dataset_config(ds_cfg: Mapping, name: str = "train") -> list[str]:
@@ -190,7 +228,8 @@ def select_dataset(datasets: Mapping, name: str | None, default: str | None = No
 def content_fingerprint(cfg: Mapping, extra: Any = None) -> str:
     """Stable hash of what a sample becomes (source, sizes, prompt prefix, tokens), not how it is
     loaded; used to refuse resuming or reusing a latent cache against a changed dataset."""
-    body = {k: v for k, v in sorted(cfg.items()) if k not in LOADER_ONLY + PATH_KEYS}
+    body = {k: v for k, v in sorted(cfg.items()) if k not in LOADER_ONLY + PATH_KEYS
+            and not (k in LATE_DEFAULTS and v == LATE_DEFAULTS[k])}
     blob = json.dumps({"cfg": body, "extra": extra}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

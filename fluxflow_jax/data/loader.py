@@ -15,12 +15,20 @@ The training loop sees a single protocol, whatever the source:
 """
 from __future__ import annotations
 
+import logging
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
-from fluxflow_jax.data.config import content_fingerprint, dataset_name, resolve, to_plain
+from PIL import ImageFile
 
-MAP_TYPES = ("folder", "jsonl", "tfds", "shapes")
+from fluxflow_jax.data.cache import CacheLoader
+from fluxflow_jax.data.config import (MAP_TYPES, MIN_SIZE, content_fingerprint, dataset_name,
+                                      resolve, to_plain)
+from fluxflow_jax.data.map_loader import make_map_loader
+from fluxflow_jax.data.secrets import redact
+from fluxflow_jax.data.webdataset_loader import StreamLoader, expand_urls
+
+log = logging.getLogger("fluxflow_jax.data")
 
 
 def _process_info(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -34,39 +42,43 @@ def _process_info(process_index: int | None, process_count: int | None) -> tuple
 
 def make_loader(ds_cfg: Mapping, *, global_batch_size: int, seed: int, tokenizer,
                 process_index: int | None = None, process_count: int | None = None,
-                name: str = "train", max_length: int | None = None):
+                name: str = "train", max_length: int | None = None,
+                min_size: int | None = None):
     """Loader for one dataset config (see the module docstring for the protocol).
 
     ``process_index``/``process_count`` default to ``jax.process_index()/process_count()``;
     pass them explicitly to simulate hosts. ``name`` is the dataset's name in
     ``config.datasets`` (``'train'`` or ``'datasets.train'``) and appears in every error message
     and log line. ``max_length`` (the run's token length) overrides the dataset's own.
+    ``min_size`` (e.g. the model's total downscale factor) raises the dataset's ``min_size``
+    floor when larger: an image smaller than that cannot survive the encoder.
     """
     name = dataset_name(name)
     plain = to_plain(ds_cfg)
     if max_length is not None and isinstance(plain, dict):
         plain = {**plain, "max_length": int(max_length)}
+    if min_size is not None and isinstance(plain, dict):
+        plain = {**plain, "min_size": max(int(min_size), plain.get("min_size", MIN_SIZE))}
     cfg = resolve(plain, name)
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        # process-global and set by many scripts "to stop PIL errors": it turns damaged files
+        # into silently grey-padded training samples instead of counted skips
+        log.warning("datasets.%s: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process: "
+                    "truncated images are decoded padded with grey instead of being skipped as "
+                    "truncated_image; set it to False", name)
     pi, pc = _process_info(process_index, process_count)
     typ = cfg["type"]
     if typ in MAP_TYPES:
-        from fluxflow_jax.data.map_loader import MapLoader
-        from fluxflow_jax.data.sources import make_source
-
-        source = make_source(cfg, name)
-        fp = content_fingerprint(cfg, source.fingerprint())
-        return MapLoader(cfg, source, name=name, global_batch_size=global_batch_size, seed=seed,
-                         tokenizer=tokenizer, process_index=pi, process_count=pc, fingerprint=fp)
+        return make_map_loader(cfg, name=name, global_batch_size=global_batch_size, seed=seed,
+                               tokenizer=tokenizer, process_index=pi, process_count=pc)
     if typ == "webdataset":
-        from fluxflow_jax.data.webdataset_loader import StreamLoader, expand_urls
-
-        fp = content_fingerprint(cfg, [os.path.basename(u) for u in expand_urls(cfg["urls"])])
+        # redacted: a rotated token (or a different mirror's credentials) is the same data
+        fp = content_fingerprint(cfg, [os.path.basename(redact(u).split("?")[0])
+                                       for u in expand_urls(cfg["urls"])])
         return StreamLoader(cfg, name=name, global_batch_size=global_batch_size, seed=seed,
                             tokenizer=tokenizer, process_index=pi, process_count=pc,
                             fingerprint=fp)
     if typ == "cache":
-        from fluxflow_jax.data.cache import CacheLoader
-
         return CacheLoader(cfg, name=name, global_batch_size=global_batch_size, seed=seed,
                            process_index=pi, process_count=pc)
     raise AssertionError(typ)  # resolve() already rejected unknown types

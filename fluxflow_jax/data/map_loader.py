@@ -23,11 +23,12 @@ from typing import Any, Mapping
 import numpy as np
 
 from fluxflow_jax.data import plan as planlib
-from fluxflow_jax.data.config import is_fixed_size, split_batch
+from fluxflow_jax.data.config import content_fingerprint, is_fixed_size, split_batch
 from fluxflow_jax.data.errors import BadSample, BadSampleLog, DataError, format_counts
-from fluxflow_jax.data.sources import MapSource, scan_sizes
+from fluxflow_jax.data.sources import MapSource, make_source, scan_sizes
 from fluxflow_jax.data.tokenizer import tokenize
-from fluxflow_jax.data.transforms import assign_bucket, bucket_list, resize_crop, to_float
+from fluxflow_jax.data.transforms import (assign_bucket, bucket_list, check_min_size, resize_crop,
+                                          to_float)
 
 log = logging.getLogger("fluxflow_jax.data")
 _SAMPLE_SALT = 0x53414D50
@@ -253,6 +254,8 @@ class MapLoader(PlannedLoader):
             sizes = scan_sizes(source, max(1, cfg["workers"]), cfg["scan_cache"])
             ids: dict[tuple[int, int], list[int]] = {}
             for i, s in enumerate(sizes):
+                if not isinstance(s, str) and min(s) < cfg["min_size"]:
+                    s = "too_small"
                 if isinstance(s, str):
                     init_bad[i] = s
                     logger(source.where(i), s)
@@ -277,6 +280,7 @@ class MapLoader(PlannedLoader):
     def load_sample(self, i: int, epoch: int, bucket_hw, deterministic: bool = False):
         """Decoded ``(uint8 [h, w, 3], caption)`` of sample ``i``; raises BadSample."""
         img, cap = self.source.read(i)
+        check_min_size(img.size[0], img.size[1], self.cfg["min_size"])
         rng = None if deterministic or not self._random else sample_rng(self.seed, epoch, i)
         arr = resize_crop(img, bucket_hw, stretch=self._stretch,
                           crop="center" if deterministic else self.cfg["crop"],
@@ -321,6 +325,21 @@ class MapLoader(PlannedLoader):
         ids, mask = tokenize(self.tokenizer, caps, self.cfg["max_length"])
         return {"image": to_float(np.stack(images)), "input_ids": ids, "attention_mask": mask,
                 "_k": k, "_bad": events}
+
+
+def make_map_loader(cfg: Mapping, *, name: str, global_batch_size: int, seed: int, tokenizer,
+                    process_index: int, process_count: int) -> MapLoader:
+    """MapLoader over the source of a *resolved* map-style config (folder, jsonl, tfds, shapes).
+
+    Lives here rather than in ``loader.py`` because both ``make_loader`` and
+    ``build_latent_cache`` (``cache.py``, itself imported by ``loader.py``) build one: this is the
+    shared piece that keeps ``cache.py`` from importing ``loader.py``.
+    """
+    source = make_source(cfg, name)
+    fp = content_fingerprint(cfg, source.fingerprint())
+    return MapLoader(cfg, source, name=name, global_batch_size=global_batch_size, seed=seed,
+                     tokenizer=tokenizer, process_index=process_index,
+                     process_count=process_count, fingerprint=fp)
 
 
 def check_state(state: Mapping, kind: str, name: str, fingerprint: str,

@@ -54,6 +54,17 @@ class CaptionFileSource(MapSource):
 
     Lines are parsed from bytes so a single mis-encoded line is counted as ``bad_utf8`` instead of
     failing the whole file; lines without a tab or with an empty caption are counted too.
+
+    Column rule (the reference's): a line splits at tabs into exactly two fields, ``name`` and
+    ``caption`` (trailing empty fields are ignored). A line with more (a tab inside the caption, an extra column) is
+    skipped as ``malformed_caption`` rather than guessed at: joining the rest would train on
+    whatever the extra column holds (a URL, a score).
+
+    A listed name must stay inside ``image_folder``: an absolute path or one that climbs out with
+    ``..`` is refused while parsing, a symlink that leads out when the file is read (the path is
+    resolved right before opening it, and the resolved path is what gets opened). Both count as
+    ``outside_folder`` and nothing outside is opened: a captions file from the internet must not
+    be able to make the loader read ``~/.ssh`` into a training batch or a latent cache.
     """
 
     def __init__(self, cfg: Mapping, name: str):
@@ -70,6 +81,7 @@ class CaptionFileSource(MapSource):
             raise DataError(f"datasets.{name}.image_folder: {str(self.image_folder)!r} is not a "
                             "directory")
         self.problems = Counter()
+        self._root = self.image_folder.resolve()
         logger = BadSampleLog(name)
         prefix = cfg["fixed_prompt_prefix"]
         entries: list[tuple[str, str]] = []
@@ -95,9 +107,14 @@ class CaptionFileSource(MapSource):
         if not line.strip():
             raise BadSample("empty_line")
         if self.fmt == "tsv":
-            parts = line.split("\t", 1)
-            if len(parts) != 2 or not parts[0].strip():
+            parts = line.split("\t")
+            while len(parts) > 2 and not parts[-1].strip():
+                parts.pop()  # trailing tabs (an editor's, a spreadsheet's) are not a column
+            if len(parts) < 2 or not parts[0].strip():
                 raise BadSample("malformed_line", "expected name<TAB>caption")
+            if len(parts) > 2:
+                raise BadSample("malformed_caption", f"{len(parts)} tab-separated fields, "
+                                "expected exactly name<TAB>caption")
             fname, caption = parts[0].strip(), parts[1]
         else:
             try:
@@ -111,6 +128,7 @@ class CaptionFileSource(MapSource):
             fname, caption = obj[ik].strip(), obj[ck]
             if not fname:
                 raise BadSample("malformed_line", f"empty {ik!r}")
+        _check_relative(fname)
         return fname, normalize_caption(caption, prefix)
 
     def __len__(self) -> int:
@@ -119,11 +137,20 @@ class CaptionFileSource(MapSource):
     def path(self, i: int) -> Path:
         return self.image_folder / self.entries[i][0]
 
+    def checked_path(self, i: int) -> Path:
+        """The resolved path of sample ``i``; BadSample ``outside_folder`` when a symlink (of the
+        file or a directory on the way) leads out of ``image_folder``."""
+        p = self.path(i).resolve()
+        if not p.is_relative_to(self._root):
+            raise BadSample("outside_folder", f"{self.entries[i][0]!r} resolves outside "
+                                              f"{self.image_folder}")
+        return p
+
     def read(self, i: int) -> tuple[Image.Image, str]:
-        return open_image(self.path(i)), self.entries[i][1]
+        return open_image(self.checked_path(i)), self.entries[i][1]
 
     def size(self, i: int) -> tuple[int, int]:
-        return open_image(self.path(i)).size
+        return open_image(self.checked_path(i)).size
 
     def where(self, i: int) -> str:
         return str(self.path(i))
@@ -238,6 +265,14 @@ class TfdsSource(MapSource):
 
     def fingerprint(self) -> Any:
         return ["tfds", self.tfds_name, self.split, self.n, self.image_key, self.caption_key]
+
+
+def _check_relative(fname: str) -> None:
+    """Refuse, while parsing, a listed name that is absolute or climbs out with ``..`` (the
+    symlink case needs the file system and is checked when the file is read)."""
+    norm = os.path.normpath(fname)
+    if os.path.isabs(norm) or os.path.splitdrive(norm)[0] or norm.split(os.sep)[0] == "..":
+        raise BadSample("outside_folder", f"{fname!r} is not a path inside the image folder")
 
 
 def _pick_feature(feats, kind, preferred: tuple[str, ...], what: str, name: str) -> str:

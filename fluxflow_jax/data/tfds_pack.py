@@ -58,7 +58,8 @@ def pack_folder(image_folder: str, captions_file: str, data_dir: str, name: str,
     def examples():
         for i in range(len(source)):
             try:
-                data, h, w = _encoded_rgb(source.path(i))
+                # checked_path: a name leading out of the folder is skipped, never packed
+                data, h, w = _encoded_rgb(source.checked_path(i))
             except BadSample as e:
                 skipped[e.reason] += 1
                 log.warning("tfds_pack: skipped %s: %s", source.path(i), e.reason)

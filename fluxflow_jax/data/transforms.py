@@ -32,7 +32,14 @@ LANCZOS = Image.Resampling.LANCZOS
 
 
 def open_image(src: bytes | str | os.PathLike) -> Image.Image:
-    """Open (header only) an image from a path or encoded bytes; raises BadSample with a reason."""
+    """Open (header only) an image from a path or encoded bytes; raises BadSample with a reason.
+
+    Decompression bombs are refused from the header (``too_large``), before any pixel is
+    decoded: PIL only *warns* between ``MAX_IMAGE_PIXELS`` and twice that, and a 20000x20000
+    PNG of a few kB would take 1.2 GB per decode thread. The limit is checked here rather than
+    by turning the warning into an error, because warning filters are process-global and the
+    decode threads would race on them.
+    """
     try:
         if isinstance(src, (bytes, bytearray, memoryview)):
             if len(src) == 0:
@@ -49,26 +56,43 @@ def open_image(src: bytes | str | os.PathLike) -> Image.Image:
             fp = path
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(fp)
+            img = Image.open(fp)
     except BadSample:
         raise
-    except Image.DecompressionBombError as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadSample("too_large", str(e)) from None
     except UnidentifiedImageError as e:
         raise BadSample("unreadable_image", str(e)) from None
     except (OSError, ValueError, SyntaxError) as e:
         reason = "truncated_image" if "truncat" in str(e).lower() else "unreadable_image"
         raise BadSample(reason, str(e)) from None
+    limit = Image.MAX_IMAGE_PIXELS
+    w, h = img.size
+    if limit is not None and w * h > limit:
+        img.close()
+        raise BadSample("too_large", f"{w}x{h} pixels is more than Image.MAX_IMAGE_PIXELS={limit}")
+    return img
+
+
+def check_min_size(width: int, height: int, min_size: int) -> None:
+    """An image whose shorter side is below ``min_size`` is a BadSample (``too_small``): it
+    would be upscaled into a training sample made of interpolation."""
+    if min(width, height) < min_size:
+        raise BadSample("too_small", f"{width}x{height} is below min_size={min_size}")
 
 
 def load_pixels(img: Image.Image) -> Image.Image:
-    """Force decoding; truncated or corrupt pixel data becomes a BadSample (never a crash)."""
+    """Force decoding; truncated or corrupt pixel data becomes a BadSample (never a crash).
+
+    Damage is only *reported* by PIL while ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is False (its
+    default); a program that sets it True gets grey-padded images here, silently.
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             img.load()
         return img
-    except Image.DecompressionBombError as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadSample("too_large", str(e)) from None
     except OSError as e:
         reason = "truncated_image" if "truncat" in str(e).lower() else "corrupt_image"

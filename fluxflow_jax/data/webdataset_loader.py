@@ -36,6 +36,7 @@ import numpy as np
 from fluxflow_jax.data.config import is_fixed_size, split_batch
 from fluxflow_jax.data.errors import BadSampleLog, DataError
 from fluxflow_jax.data.map_loader import STATE_VERSION, check_state
+from fluxflow_jax.data.secrets import redact, resolve_headers
 from fluxflow_jax.data.transforms import bucket_list
 from fluxflow_jax.data.webdataset_stream import (SHUFFLE_SALT, StreamSpec, expand_urls,
                                                  rng_state)
@@ -68,7 +69,11 @@ class StreamLoader:
         self.seed, self.fingerprint = int(seed), fingerprint
         self.urls = expand_urls(cfg["urls"])
         if not self.urls:
-            raise DataError(f"datasets.{name}.urls: {cfg['urls']!r} expands to no shard")
+            raise DataError(f"datasets.{name}.urls: {redact(cfg['urls'])!r} expands to no shard")
+        try:  # fail now on an unset variable; the value itself is read again at each open
+            resolve_headers(cfg["headers"], cfg["token_env"], name)
+        except LookupError as e:
+            raise DataError(str(e.args[0])) from None
         if process_count > 1 and not is_fixed_size(cfg):
             raise ValueError(
                 f"datasets.{name}.resize_mode: bucketed batches from a streaming webdataset on "
@@ -85,8 +90,12 @@ class StreamLoader:
         self.active = [w for w in range(self.workers) if w < len(self.host_shards)]
         n = cfg["num_samples"]
         self.epoch_length = (n // self.global_batch_size) if n else None
-        self.description = f"webdataset {self.urls[0]} (+{len(self.urls) - 1} shards)"
+        self.description = redact(f"webdataset {self.urls[0]} (+{len(self.urls) - 1} shards)")
         self._log = BadSampleLog(name)
+        if cfg["shuffle"] and n and cfg["shuffle_buffer"] > n:
+            self._log.warn_once(f"shuffle_buffer={cfg['shuffle_buffer']} is larger than "
+                                f"num_samples={n}; it is shrunk to one epoch's samples after "
+                                "the first pass")
         self._state = self._initial_state()
         self._threads: list[threading.Thread] = []
         self._stop: threading.Event | None = None
@@ -116,7 +125,8 @@ class StreamLoader:
                 "workers": self.workers, "num_shards": len(self.urls),
                 "cursors": [[0, 0, 0] for _ in range(self.workers)], "rr": 0,
                 "rng": rng_state(rng), "buffer": [], "pending": [], "skipped": {},
-                "batches": 0, "epoch": 0, "waiting": [], "epoch_good": 0}
+                "batches": 0, "epoch": 0, "waiting": [], "epoch_good": 0, "bad_seen": [],
+                "shuffle_size": None}
 
     def get_state(self) -> dict[str, Any]:
         """State after the last batch returned (JSON-serialisable)."""
@@ -182,7 +192,12 @@ class StreamLoader:
         msg = self._out.get()
         if msg[0] == "error":
             self._shutdown()
-            raise msg[1]
+            err = msg[1]
+            text = str(err)
+            if redact(text) != text:  # a reader's message quoting a URL with its token
+                raise DataError(f"datasets.{self.name}: {type(err).__name__}: "
+                                f"{redact(text)}") from None
+            raise err
         _, batch, snap = msg
         self._state = snap
         return batch

@@ -5,7 +5,8 @@ to it: dropping a loader stops its threads (``weakref.finalize`` sets the stop e
 Message protocol from a worker (each message is one round-robin turn and carries the cursor the
 worker would restart from after it - which is what makes resumption exact):
   ("ok", cursor, uint8 image, caption, ref)   ref = [worker, epoch, slot, offset]
-  ("bad", cursor, reason, detail, where)
+  ("bad", cursor, reason, detail, where, sample_id)   sample_id = [url index, offset or -1 for
+                                                       the shard itself]: counted once per run
   ("end_shard", cursor) / ("end_epoch", cursor, epoch) / ("error", exception)
 """
 from __future__ import annotations
@@ -17,6 +18,8 @@ import os
 import queue
 import threading
 import time
+import urllib.parse
+import urllib.request
 from collections import Counter
 from typing import Any, Iterator, Mapping
 
@@ -24,13 +27,15 @@ import numpy as np
 
 from fluxflow_jax.data.errors import BadSample, BadSampleLog, DataError, format_counts
 from fluxflow_jax.data.plan import epoch_rng
+from fluxflow_jax.data.secrets import resolve_headers
 from fluxflow_jax.data.tokenizer import tokenize
-from fluxflow_jax.data.transforms import (assign_bucket, decode_caption, normalize_caption,
-                                          open_image, resize_crop, to_float)
+from fluxflow_jax.data.transforms import (assign_bucket, check_min_size, decode_caption,
+                                          normalize_caption, open_image, resize_crop, to_float)
 
 DONE = -1                 # cursor offset: the shard was cut short by an error, go to the next
 SHUFFLE_SALT = 0x53485546
 _SAMPLE_SALT = 0x57445331
+RETRY_DELAY_S = 1.0        # first back-off before re-opening a remote shard (then doubled)
 REMOTE = ("http://", "https://", "pipe:", "gs://", "s3://", "sftp://", "scp://", "ftps://")
 
 
@@ -50,8 +55,40 @@ def expand_urls(urls: list[str]) -> list[str]:
     return out
 
 
-def iterate_shard(url: str) -> Iterator[dict | Exception]:
-    """Samples of one shard in tar order; a read error ends it with the exception as last item."""
+class _NoCredentialsAcrossHosts(urllib.request.HTTPRedirectHandler):
+    """Follow redirects, but send the configured headers to the first host only: a hub that
+    redirects to a CDN (with a signed URL) must not hand the CDN our token. urllib alone
+    would copy every header to whatever host the redirect names."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and (urllib.parse.urlsplit(newurl).netloc
+                                != urllib.parse.urlsplit(req.full_url).netloc):
+            for k in list(new.headers):
+                new.remove_header(k)
+        return new
+
+
+_OPENER = urllib.request.build_opener(_NoCredentialsAcrossHosts)
+
+
+def _http_samples(url: str, headers: Mapping[str, str], handler):
+    """Samples of an http(s) shard fetched with ``headers`` (webdataset's own opener, curl,
+    cannot be given headers without putting them on a command line)."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    stream = _OPENER.open(urllib.request.Request(url, headers=dict(headers)), timeout=60)
+    try:
+        files = tar_file_expander([{"url": url, "stream": stream}], handler=handler)
+        yield from group_by_keys(files, handler=handler)
+    finally:
+        stream.close()
+
+
+def iterate_shard(url: str, headers: Mapping[str, str] | None = None
+                  ) -> Iterator[dict | Exception]:
+    """Samples of one shard in tar order; a read error ends it with the exception as last item.
+    ``headers`` (credentials resolved at open time) are sent with http(s) shards."""
     import webdataset as wds
 
     errors: list[Exception] = []
@@ -60,8 +97,11 @@ def iterate_shard(url: str) -> Iterator[dict | Exception]:
         errors.append(exn)
         return False  # stop this shard: a broken tar stream cannot be resynchronised
 
-    ds = wds.WebDataset([url], shardshuffle=False, nodesplitter=None, workersplitter=None,
-                        handler=handler, empty_check=False)
+    if headers and url.startswith(("http://", "https://")):
+        ds = _http_samples(url, headers, handler)
+    else:
+        ds = wds.WebDataset([url], shardshuffle=False, nodesplitter=None, workersplitter=None,
+                            handler=handler, empty_check=False)
     try:
         for sample in ds:
             yield sample
@@ -155,6 +195,7 @@ class StreamSpec:
             text = obj
         caption = normalize_caption(text, cfg["fixed_prompt_prefix"])
         img = open_image(bytes(img_raw))
+        check_min_size(img.size[0], img.size[1], cfg["min_size"])
         hw = assign_bucket(img.size[0], img.size[1], cfg, self.blist)
         random = cfg["crop"] == "random" or cfg["flip"]
         rng = (np.random.default_rng([_SAMPLE_SALT, self.seed % 2**63, epoch, url_index, offset])
@@ -170,7 +211,9 @@ class StreamSpec:
         attempts = 3 if url.startswith(REMOTE) else 1
         for attempt in range(attempts):
             n, err = 0, None
-            for item in iterate_shard(url):
+            headers = (resolve_headers(self.cfg["headers"], self.cfg["token_env"], self.name)
+                       if url.startswith(("http://", "https://")) else None)
+            for item in iterate_shard(url, headers):
                 if stop.is_set():
                     return
                 if isinstance(item, Exception):
@@ -183,7 +226,7 @@ class StreamSpec:
             if err is None:
                 return
             if attempt + 1 < attempts:
-                time.sleep(1.0 * 2**attempt)
+                time.sleep(RETRY_DELAY_S * 2**attempt)
         yield skip, err
 
     def refetch(self, refs: list, stop: threading.Event) -> dict:
@@ -219,7 +262,7 @@ class StreamSpec:
                     for n, item in (self.shard_samples(u, off, stop) if off != DONE else ()):
                         if isinstance(item, Exception):
                             if not _put(out, ("bad", (e, j, DONE), "shard_error", str(item),
-                                              self.urls[u]), stop):
+                                              self.urls[u], [u, -1]), stop):
                                 return
                             break
                         if self.sample_split and n % self.process_count != self.process_index:
@@ -229,7 +272,7 @@ class StreamSpec:
                             msg = ("ok", (e, j, n + 1), arr, cap, [w, e, j, n])
                         except BadSample as ex:
                             where = f"{self.urls[u]}:{item.get('__key__', n)}"
-                            msg = ("bad", (e, j, n + 1), ex.reason, ex.detail, where)
+                            msg = ("bad", (e, j, n + 1), ex.reason, ex.detail, where, [u, n])
                         if not _put(out, msg, stop):
                             return
                     if stop.is_set() or not _put(out, ("end_shard", (e, j + 1, 0)), stop):
@@ -261,7 +304,14 @@ class StreamSpec:
         skipped = Counter(st["skipped"])
         batches, rr, epoch = int(st["batches"]), int(st["rr"]), int(st["epoch"])
         waiting, epoch_good = set(st["waiting"]), int(st["epoch_good"])
+        # Bad samples are counted once each (the stream meets them again every epoch): the
+        # counters say how much of the data is bad, not how long the run has been going.
+        bad_seen = {tuple(x) for x in st.get("bad_seen", [])}
+        bad_list = [list(x) for x in st.get("bad_seen", [])]   # in the order met
         size = self.cfg["shuffle_buffer"] if self.cfg["shuffle"] else 0
+        cap = st.get("shuffle_size")    # set once the buffer has been found larger than the data
+        if cap is not None:
+            size = min(size, int(cap))
         active = self.active
 
         def snapshot() -> dict:
@@ -270,7 +320,8 @@ class StreamSpec:
                     "pending": [[h, w, [list(x[0]) for x in items]]
                                 for (h, w), items in sorted(pending.items()) if items],
                     "skipped": dict(sorted(skipped.items())), "batches": batches,
-                    "epoch": epoch, "waiting": sorted(waiting), "epoch_good": epoch_good}
+                    "epoch": epoch, "waiting": sorted(waiting), "epoch_good": epoch_good,
+                    "bad_seen": list(bad_list), "shuffle_size": cap}
 
         def accept(item) -> None:
             nonlocal batches
@@ -300,8 +351,12 @@ class StreamSpec:
                 raise msg[1]
             cursors[w] = list(msg[1])
             if kind == "bad":
-                skipped[msg[2]] += 1
-                self.log(msg[4], msg[2], msg[3])
+                sid = tuple(msg[5])
+                if sid not in bad_seen:
+                    bad_seen.add(sid)
+                    bad_list.append(list(sid))
+                    skipped[msg[2]] += 1
+                    self.log(msg[4], msg[2], msg[3])
             elif kind == "end_epoch":
                 waiting.add(w)
                 if waiting == set(active):
@@ -310,11 +365,19 @@ class StreamSpec:
                                         f"epoch without one usable sample (skipped: "
                                         f"{format_counts(skipped)})")
                     waiting.clear()
+                    if size > len(buffer) and buffer:
+                        # The buffer outgrew the data: waiting for it to fill would read
+                        # shuffle_buffer / epoch_good passes before the first batch. Shrink it to
+                        # one epoch's samples (kept in the state, so a resume agrees).
+                        self.log.warn_once(
+                            f"shuffle_buffer={size} is larger than the data set ({len(buffer)} "
+                            f"usable samples per epoch on this host); using {len(buffer)}")
+                        size = cap = len(buffer)
                     epoch, epoch_good = epoch + 1, 0
             elif kind == "ok":
                 epoch_good += 1
                 item = (msg[4], msg[2], msg[3])
-                if size > 1:
+                if size > 1 or buffer:
                     if len(buffer) < size:
                         buffer.append(item)
                         continue
