@@ -39,6 +39,10 @@ from fluxflow_jax.sharding import path_str
 PyTree = Any
 
 
+class CheckpointError(RuntimeError):
+    """No intact checkpoint can be restored (the message names the directory and the way out)."""
+
+
 class CheckpointMismatchError(ValueError):
     """The restore target does not fit the stored checkpoint; the message lists every leaf at fault."""
 
@@ -179,13 +183,17 @@ class Checkpointer:
         self.directory = Path(directory).expanduser().absolute()
         self.save_interval_steps = int(save_interval_steps or 0)
         self.save_interval_minutes = save_interval_minutes
-        options = ocp.CheckpointManagerOptions(
+        self._options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             save_interval_steps=1,  # the interval decision is ours (steps and/or minutes)
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,  # remove what an interrupted save left behind
             create=True,
         )
+        self._manager = self._open_manager()
+        self._last_save_time = time.monotonic()
+
+    def _open_manager(self) -> ocp.CheckpointManager:
         # Handlers named up front, so a freshly opened manager can read a step's metadata (for the
         # shape check) before anything was saved or restored through it.
         handlers = {
@@ -193,10 +201,20 @@ class Checkpointer:
             "data": ocp.JsonCheckpointHandler(),
             "meta": ocp.JsonCheckpointHandler(),
         }
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_handlers=handlers
-        )
-        self._last_save_time = time.monotonic()
+        return ocp.CheckpointManager(self.directory, options=self._options, item_handlers=handlers)
+
+    @property
+    def damaged_dir(self) -> Path:
+        """Where damaged steps are moved (beside the step folders, never deleted)."""
+        return self.directory.parent / f"{self.directory.name}.damaged"
+
+    def _move_aside(self, step: int) -> Path:
+        self._manager.close()
+        self.damaged_dir.mkdir(parents=True, exist_ok=True)
+        dest = self.damaged_dir / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        (self.directory / str(step)).replace(dest)
+        self._manager = self._open_manager()
+        return dest
 
     # -- queries -------------------------------------------------------------------------------------
 
@@ -276,13 +294,32 @@ class Checkpointer:
 
         ``abstract_state`` gives the structure, shapes, dtypes and shardings of the result: a
         ``jax.eval_shape`` tree (leaves without a sharding are replicated), or a concrete state.
+        Without ``step``, a step that cannot be read (truncated files, bad JSON, a half-copied
+        folder) is moved to ``damaged_dir`` with a message and the next older step is tried; a
+        state of another shape (``CheckpointMismatchError``) is a config change, not damage.
         """
         self.wait_until_finished()  # a save still in flight is part of "what is on disk"
-        if step is None:
-            step = self.latest_step()
-            if step is None:
-                return None
-        step = int(step)
+        if step is not None:
+            return self._restore_step(abstract_state, int(step))
+        moved = []
+        while (latest := self.latest_step()) is not None:
+            try:
+                return self._restore_step(abstract_state, latest)
+            except CheckpointMismatchError:
+                raise
+            except Exception as e:  # noqa: BLE001 - Orbax/TensorStore/JSON errors vary by damage
+                why = " ".join(str(e).split())[:160]
+                dest = self._move_aside(latest)
+                moved.append(latest)
+                print(f"[checkpoint] step {latest} in {self.directory} cannot be read ({why}); "
+                      f"moved to {dest}, trying the previous step", flush=True)
+        if moved:
+            raise CheckpointError(
+                f"{self.directory}: no intact checkpoint (damaged steps {moved} moved to "
+                f"{self.damaged_dir}); remove {self.directory} to restart this stage from its start")
+        return None
+
+    def _restore_step(self, abstract_state: PyTree, step: int) -> tuple[PyTree, dict, dict]:
         if step not in self.all_steps():
             raise FileNotFoundError(
                 f"no checkpoint step {step} in {self.directory}; available: {self.all_steps()}"

@@ -10,6 +10,7 @@ from typing import Any, Optional, Sequence
 import ml_collections as mlc
 
 from fluxflow_jax import losses
+from fluxflow_jax.data.config import LOCATION_KEYS
 
 
 def model_config(size: str = "phase1") -> mlc.ConfigDict:
@@ -35,8 +36,12 @@ def model_config(size: str = "phase1") -> mlc.ConfigDict:
 
 
 def dataset_config(type: str, **kw: Any) -> mlc.ConfigDict:
-    """A dataset entry (keys are checked by ``fluxflow_jax.data``)."""
-    return mlc.ConfigDict(dict(type=type, **kw))
+    """A dataset entry (keys are checked by ``fluxflow_jax.data``). Every location key is present
+    ('' when unused) so the command line can re-point it, e.g. ``--config.datasets.shapes.type=
+    folder --config.datasets.shapes.image_folder=/data/img --config.datasets.shapes.captions_file=
+    /data/captions.txt``."""
+    locations = dict.fromkeys(LOCATION_KEYS, "")
+    return mlc.ConfigDict(dict(locations, type=type, **kw))
 
 
 def optimizer(type: str, lr: float, **kw: Any) -> mlc.ConfigDict:

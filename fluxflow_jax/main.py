@@ -16,7 +16,13 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 # Importing the package touches no device, so jax.distributed can still be initialised first.
-from fluxflow_jax import pipeline, stages
+from fluxflow_jax import checkpoint, data, interop, pipeline, stages, weights
+
+# What a user can fix: reported in one line (exit 2); anything else is an internal error and keeps
+# its traceback. --verbose shows tracebacks for these too.
+USER_ERRORS = (stages.ConfigError, weights.WeightsError, interop.InteropError,
+               checkpoint.CheckpointMismatchError, checkpoint.CheckpointError, data.DataError,
+               FileNotFoundError, NotADirectoryError, PermissionError)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
@@ -26,6 +32,7 @@ flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                   "Call jax.distributed.initialize(): 'auto' does it when a multi-process "
                   "environment is detected (TPU pod, SLURM, a coordinator address).")
 flags.DEFINE_bool("validate", False, "Print the stage plan and exit without training.")
+flags.DEFINE_bool("verbose", False, "Show tracebacks for user errors too (config, data, files).")
 flags.DEFINE_string("compilation_cache",
                     os.environ.get("FLUXFLOW_JAX_CACHE", "~/.cache/fluxflow_jax/xla"),
                     "Persistent XLA compilation cache directory ('' or 'none' disables it). "
@@ -62,6 +69,7 @@ def enable_compilation_cache(path: str) -> None:
 
 
 def main(argv) -> int:
+    """Validate, print the plan or train; the exit code says how the run ended (see --help)."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS["verbosity"].present:  # Orbax/XLA INFO lines drown the progress bar
@@ -74,20 +82,49 @@ def main(argv) -> int:
     errors = stages.validate_config(config)
     if errors:
         print(stages.ConfigError(errors), file=sys.stderr)
-        return 2
+        return pipeline.EXIT_USER_ERROR
     if FLAGS.validate:
         print(stages.describe_plan(config))
         print("config OK")
-        return 0
+        return pipeline.EXIT_OK
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required to train")
-    pipeline.run(config, FLAGS.workdir)
-    return 0
+    try:
+        pstate = pipeline.run(config, FLAGS.workdir)
+    except USER_ERRORS as e:
+        if FLAGS.verbose:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return pipeline.EXIT_USER_ERROR
+    code = pipeline.exit_code(pstate)
+    if code == pipeline.EXIT_DIVERGED:
+        print(f"error: {pstate['last_stop'].get('reason')}", file=sys.stderr)
+    return code
+
+
+def _flag_error(e: Exception) -> str:
+    """ml_collections' override errors as one line: "--config.x: no such key (did you mean y?)"."""
+    msg = " ".join(str(e).replace("\\n", " ").strip("'\"").split())
+    return msg.replace("\\'", "'")
 
 
 def run() -> None:
-    """Console-script entry."""
-    app.run(lambda argv: sys.exit(main(argv)))
+    """Console-script entry. Exit codes: 0 finished, 2 user error (config, data, files: one line
+    naming the key or file; --verbose for the traceback), 3 diverged (the last good checkpoint
+    is kept), 75 interrupted by a signal or W/.stop (run the same command to resume)."""
+    started = []
+
+    def entry(argv):
+        started.append(True)
+        sys.exit(main(argv))
+
+    try:
+        app.run(entry)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        if started or "--verbose" in sys.argv:  # raised by the run, not by the flags: internal
+            raise
+        print(f"error: bad command-line override: {_flag_error(e)}", file=sys.stderr)
+        sys.exit(pipeline.EXIT_USER_ERROR)
 
 
 if __name__ == "__main__":

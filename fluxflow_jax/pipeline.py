@@ -13,6 +13,7 @@ from pathlib import Path
 import jax
 
 from fluxflow_jax import controls as controls_lib
+from fluxflow_jax import data as data_lib
 from fluxflow_jax import stages, train, weights
 from fluxflow_jax import workdir as wd
 
@@ -31,7 +32,7 @@ def run(config: Mapping, workdir: str | os.PathLike) -> dict:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
-        wd.config_path(workdir).write_text(config.to_json_best_effort(indent=2))
+        wd.config_path(workdir).write_text(data_lib.redacted_json(config))  # no secrets on disk
     pstate = wd.read_pipeline_state(workdir, list(config.stage_order))
     prev_params: Path | None = None
     with controls_lib.StopControls(workdir) as controls:

@@ -120,7 +120,8 @@ def build_stage(config: Mapping, name: str, *, with_data: bool = True) -> Stage:
         loader = data_lib.make_loader(
             config.datasets[ds_name], global_batch_size=global_batch,
             seed=int(config.seed) + 1000 * index, tokenizer=tokenizer,
-            max_length=int(config.max_length), name=f"datasets.{ds_name}")
+            max_length=int(config.max_length), name=f"datasets.{ds_name}",
+            min_size=2 ** int(model_cfg.downscales))  # smaller images cannot be encoded
         epoch_length = getattr(loader, "epoch_length", None)
     total = stage_duration(s, epoch_length, name) if with_data or s.steps else int(s.steps)
     rng = jax.random.fold_in(jax.random.key(int(config.seed), impl=config.rng_impl), index)

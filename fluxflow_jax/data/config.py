@@ -69,6 +69,8 @@ LATE_DEFAULTS = {"min_size": MIN_SIZE}
 # Where the data lives is not what it is: a dataset copied to another disk still resumes and still
 # matches its latent cache (the sources add a hash of their index instead).
 PATH_KEYS = ("image_folder", "captions_file", "data_dir", "urls", "path")
+# Where a source is: every dataset config may carry all of them, unused ones empty.
+LOCATION_KEYS = PATH_KEYS + ("tfds_name",)
 
 
 def to_plain(cfg: Any) -> Any:
@@ -121,6 +123,10 @@ def resolve(ds_cfg: Mapping, name: str = "train") -> dict:
     if typ not in TYPES:
         raise _err(name, "type", f"must be one of {TYPES}, got {typ!r}")
     allowed = {**COMMON, **PER_TYPE[typ], **PER_TYPE_DEFAULTS.get(typ, {})}
+    # Configs carry every location key ('' = unset) so a dataset can be re-pointed at another
+    # type of source from the command line (a locked config cannot gain keys there).
+    raw = {k: v for k, v in raw.items()
+           if not (k in LOCATION_KEYS and k not in allowed and v in ("", None))}
     for key in raw:
         if key not in allowed:
             other = [t for t in TYPES if key in PER_TYPE[t]]
