@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import jax
 from absl import app, flags, logging
@@ -17,6 +18,7 @@ from ml_collections import config_flags
 
 # Importing the package touches no device, so jax.distributed can still be initialised first.
 from fluxflow_jax import checkpoint, data, interop, pipeline, stages, weights
+from fluxflow_jax import controls as controls_lib
 
 # What a user can fix: reported in one line (exit 2); anything else is an internal error and keeps
 # its traceback. --verbose shows tracebacks for these too.
@@ -74,6 +76,13 @@ def main(argv) -> int:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS["verbosity"].present:  # Orbax/XLA INFO lines drown the progress bar
         logging.set_verbosity(logging.WARNING)
+    if FLAGS.workdir and not FLAGS.validate:  # from here on a signal saves instead of killing
+        with controls_lib.StopControls(Path(FLAGS.workdir)) as controls:
+            return _main(controls)
+    return _main(None)
+
+
+def _main(controls: controls_lib.StopControls | None) -> int:
     maybe_initialize_distributed(FLAGS.distributed)
     enable_compilation_cache(FLAGS.compilation_cache)
     config = FLAGS.config
@@ -90,7 +99,7 @@ def main(argv) -> int:
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required to train")
     try:
-        pstate = pipeline.run(config, FLAGS.workdir)
+        pstate = pipeline.run(config, FLAGS.workdir, controls)
     except USER_ERRORS as e:
         if FLAGS.verbose:
             raise
