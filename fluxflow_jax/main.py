@@ -89,6 +89,8 @@ def _main(controls: controls_lib.StopControls | None) -> int:
     if config is None:
         raise app.UsageError("--config is required (e.g. --config=configs/demo.py)")
     errors = stages.validate_config(config)
+    if FLAGS.workdir and not errors:
+        errors = stages.resume_errors(config, Path(FLAGS.workdir))
     if errors:
         print(stages.ConfigError(errors), file=sys.stderr)
         return pipeline.EXIT_USER_ERROR

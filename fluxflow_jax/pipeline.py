@@ -33,7 +33,9 @@ def run(config: Mapping, workdir: str | os.PathLike,
     if controls is None:
         with controls_lib.StopControls(workdir) as own:
             return run(config, workdir, own)
-    stages.check_config(config)
+    errors = stages.validate_config(config) + stages.resume_errors(config, workdir)
+    if errors:
+        raise stages.ConfigError(errors)
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         wd.config_path(workdir).write_text(data_lib.redacted_json(config))  # no secrets on disk

@@ -8,6 +8,8 @@ in one go; ``describe_plan`` is what ``--validate`` prints.
 """
 from __future__ import annotations
 
+import difflib
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
@@ -117,8 +119,16 @@ def validate_config(config: Mapping) -> list[str]:
     if config.default_dataset and config.default_dataset not in config.datasets:
         errs.append(f"default_dataset: {config.default_dataset!r} not in datasets "
                     f"{sorted(config.datasets)}")
+    errs += _unknown_keys(config)
     errs += _validate_model(config.model)
     errs += _validate_datasets(config)
+    n_dev = jax.device_count()
+    for key, bs in [("batch_size", config.batch_size)] + [
+            (f"stages.{n}.batch_size", stages[n].batch_size) for n in stages
+            if stages[n].batch_size]:
+        if bs > 0 and bs % n_dev:
+            errs.append(f"{key}: {bs} is not divisible by the {n_dev} devices the batch is split "
+                        f"over; use a multiple of {n_dev}")
     if config.tokenizer not in ("", "demo") and not Path(config.tokenizer).is_dir():
         errs.append(f"tokenizer: {config.tokenizer!r} is neither 'demo' nor a local directory")
     if config.init_from and not Path(config.init_from).exists():
@@ -132,6 +142,22 @@ def check_config(config: Mapping) -> None:
     errs = validate_config(config)
     if errs:
         raise ConfigError(errs)
+
+
+def _unknown_keys(config: Mapping) -> list[str]:
+    """Keys no part of the code reads: at the top level, in checkpoint.* and samples.*."""
+    base = cd.base_config()
+    errs = []
+    for section, have, known in (("", config, base), ("checkpoint.", config.get("checkpoint", {}),
+                                  base.checkpoint), ("samples.", config.get("samples", {}),
+                                                     base.samples)):
+        for k in have:
+            if k not in known:
+                close = difflib.get_close_matches(k, list(known), n=1)
+                errs.append(f"{section}{k}: unknown key" +
+                            (f" (did you mean {close[0]!r}?)" if close else
+                             f" (known: {sorted(known)})"))
+    return errs
 
 
 def _validate_model(m: Mapping) -> list[str]:
@@ -159,7 +185,20 @@ def _validate_model(m: Mapping) -> list[str]:
 def _validate_datasets(config: Mapping) -> list[str]:
     errs = []
     for name in config.datasets:
-        errs += validate_dataset_config(config.datasets[name], name=f"datasets.{name}")
+        ds = config.datasets[name]
+        found = validate_dataset_config(ds, name=f"datasets.{name}")
+        errs += found
+        if found:
+            continue
+        for key in ("image_folder", "captions_file", "path", "data_dir", "scan_cache"):
+            value = ds.get(key)
+            if value and key != "scan_cache" and not Path(value).exists():
+                errs.append(f"datasets.{name}.{key}: {value!r} does not exist")
+        urls = ds.get("urls")
+        if urls and isinstance(urls, str) and "://" not in urls and not urls.startswith("pipe:"):
+            first = urls.split("::")[0].split("{")[0]
+            if "{" not in urls and not Path(first).exists():
+                errs.append(f"datasets.{name}.urls: {first!r} does not exist")
     return errs
 
 
@@ -308,4 +347,50 @@ def describe_plan(config: Mapping) -> str:
                          f"cfg dropout {s.loss.cfg_dropout_prob}")
     return "\n".join(lines)
 
+
+# ----------------------------------------------------------------------------------------------
+# Against an existing workdir: what cannot change under a run in progress
+# ----------------------------------------------------------------------------------------------
+
+def resume_errors(config: Mapping, workdir: Path) -> list[str]:
+    """Changes that an existing workdir cannot resume with, each with its key and the fix.
+
+    The models of a run are fixed once a stage has started (its checkpoints and the param files
+    hand-offs have those shapes); a stage in progress keeps its global batch (the data position
+    counts global batches).
+    """
+    old_path = Path(workdir) / "config.json"
+    if not old_path.exists():
+        return []
+    try:
+        old = json.loads(old_path.read_text())
+    except ValueError:
+        return []  # a damaged copy of the config is rewritten at start; nothing to compare
+    errs = []
+    fix = "restore the old value or train in a new --workdir"
+    new_model, old_model = _flat(config.model.to_dict()), _flat(old.get("model", {}))
+    for k in sorted(set(new_model) | set(old_model)):
+        if k in old_model and new_model.get(k) != old_model[k]:
+            errs.append(f"model.{k}: {new_model.get(k)!r} differs from {old_model[k]!r} of the "
+                        f"run in {workdir}; {fix}")
+    for name in config.stage_order:
+        if not (Path(workdir) / "checkpoints" / name).exists() or name not in old.get("stages", {}):
+            continue
+        s, o = config.stages[name], old["stages"][name]
+        was = o.get("batch_size") or old.get("batch_size")
+        now = s.batch_size or config.batch_size
+        if was and now != was:
+            errs.append(f"stages.{name}.batch_size: global batch {now} differs from {was} of the "
+                        f"stage in progress in {workdir}; {fix}")
+    return errs
+
+
+def _flat(d: Mapping, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
 
