@@ -279,6 +279,10 @@ def _validate_stage(config: Mapping, key: str, s: Mapping) -> list[str]:
     errs += losses.loss_errors(loss, prefix=f"{p}.loss")
     if "lpips" in train and loss.lpips_weights and not Path(loss.lpips_weights).is_file():
         errs.append(f"{p}.loss.lpips_weights: {loss.lpips_weights!r} is not a file")
+    if s.latent_cache and (step_kinds(s) != ["flow"] or {"compressor", "expander"} &
+                           trained_models(s)):
+        errs.append(f"{p}.latent_cache: only a flow stage with a frozen VAE can train from "
+                    f"cached latents (train={train})")
     if "flow" in train and s.sample_steps <= 0:
         errs.append(f"{p}.sample_steps: must be > 0")
     return errs
@@ -342,6 +346,8 @@ def describe_plan(config: Mapping) -> str:
                          f"{s.stop_mode} {s.stop_threshold}")
         if s.ema_decay:
             lines.append(f"  EMA decay {s.ema_decay} (used for samples and export)")
+        if s.latent_cache:
+            lines.append("  data: cached latents of the frozen VAE (built on first use)")
         if "flow" in s.train:
             lines.append(f"  objective: {s.loss.objective}, t-sampling {s.loss.timestep_sampling}, "
                          f"cfg dropout {s.loss.cfg_dropout_prob}")

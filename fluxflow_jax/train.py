@@ -23,11 +23,11 @@ import jax
 import ml_collections as mlc
 import numpy as np
 
+from fluxflow_jax import cached, optim, plots, sampling, schedules, sharding, stages, weights
 from fluxflow_jax import checkpoint as ckpt_lib
 from fluxflow_jax import controls as controls_lib
 from fluxflow_jax import data as data_lib
 from fluxflow_jax import metrics as metrics_lib
-from fluxflow_jax import optim, plots, sampling, schedules, sharding, stages, weights
 from fluxflow_jax import state as state_lib
 from fluxflow_jax import steps as steps_lib
 from fluxflow_jax import workdir as wd
@@ -116,14 +116,15 @@ def build_stage(config: Mapping, name: str, *, with_data: bool = True) -> Stage:
     ds_name = stages.dataset_name(config, s)
     loader = None
     epoch_length = None
-    if with_data:
+    if with_data and not s.latent_cache:  # a cached stage's loader needs its weights first
         loader = data_lib.make_loader(
             config.datasets[ds_name], global_batch_size=global_batch,
             seed=int(config.seed) + 1000 * index, tokenizer=tokenizer,
             max_length=int(config.max_length), name=f"datasets.{ds_name}",
             min_size=2 ** int(model_cfg.downscales))  # smaller images cannot be encoded
         epoch_length = getattr(loader, "epoch_length", None)
-    total = stage_duration(s, epoch_length, name) if with_data or s.steps else int(s.steps)
+    total = (stage_duration(s, epoch_length, name) if loader is not None or s.steps
+             else int(s.steps))
     rng = jax.random.fold_in(jax.random.key(int(config.seed), impl=config.rng_impl), index)
     return Stage(name=name, index=index, cfg=s, model_cfg=model_cfg, models=models,
                  tokenizer=tokenizer, mesh=mesh, kinds=stages.step_kinds(s),
@@ -131,6 +132,21 @@ def build_stage(config: Mapping, name: str, *, with_data: bool = True) -> Stage:
                  loader=loader, rng=rng,
                  rules=tuple(tuple(r) for r in config.sharding_rules),
                  max_length=int(config.max_length))
+
+
+def with_cached_data(config: Mapping, st: Stage, params: Mapping, workdir: Path) -> Stage:
+    """The stage reading its dataset through the latent cache (built on first use)."""
+    ds_name = stages.dataset_name(config, st.cfg)
+    cache_text = "text_encoder" not in stages.trained_models(st.cfg)
+    configs = {n: weights.module_config(getattr(st.models, n)) for n in st.models.names()}
+    ds_cfg = cached.cached_dataset(config, ds_name, st.models, params, configs, workdir,
+                                   cache_text=cache_text, tokenizer=st.tokenizer)
+    loader = data_lib.make_loader(ds_cfg, global_batch_size=st.global_batch,
+                                  seed=int(config.seed) + 1000 * st.index, tokenizer=st.tokenizer,
+                                  max_length=int(config.max_length), name=f"datasets.{ds_name}")
+    epoch_length = getattr(loader, "epoch_length", None)
+    return dataclasses.replace(st, loader=loader, epoch_length=epoch_length,
+                               total_steps=stage_duration(st.cfg, epoch_length, st.name))
 
 
 def create_state(st: Stage, params: dict, spectral: dict) -> tuple[state_lib.TrainState, dict]:
@@ -216,6 +232,8 @@ def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | N
     st = build_stage(config, name)
     params, spectral, carried = weights.initial_variables(config, st.models, st.rng, name,
                                                           prev_params)
+    if st.cfg.latent_cache:
+        st = with_cached_data(config, st, params, workdir)
     state, txs = create_state(st, params, spectral)
     shardings = state_shardings(st, state)
     state = jax.device_put(state, shardings)

@@ -301,9 +301,7 @@ class FluxCompressor(nn.Module):
             seq = block_cls(d, self.attn_heads, self.attn_ff_mult, act, dt,
                             name=f"token_attn_{j}")(seq)
 
-        hw_tok = jnp.zeros((b, 1, d), seq.dtype)
-        hw_tok = hw_tok.at[:, 0, 0].set(h / float(self.max_hw)).at[:, 0, 1].set(w / float(self.max_hw))
-        return jnp.concatenate([seq, hw_tok], axis=1), mu, logvar
+        return jnp.concatenate([seq, hw_token(b, (h, w), d, self.max_hw, seq.dtype)], 1), mu, logvar
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,6 +360,14 @@ class _ResidualUpsampleBlock(nn.Module):
         x = Conv(width, 5, padding=4, dilation=2, dtype=self.dtype, name="conv_d")(x)
         x = apply_act(x, self.activation)
         return x + 0.1 * upsample_nearest_2x(identity)
+
+
+def hw_token(batch: int, hw: tuple[int, int], dim: int, max_hw: int,
+             dtype: Any = jnp.float32) -> jax.Array:
+    """The packed latent's last token ``[B, 1, d]``: channel 0 = h/max_hw, channel 1 = w/max_hw
+    (latent units). The compressor, the sampler and cached latents all build it here."""
+    tok = jnp.zeros((batch, 1, dim), dtype)
+    return tok.at[:, 0, 0].set(hw[0] / float(max_hw)).at[:, 0, 1].set(hw[1] / float(max_hw))
 
 
 def _concrete_hw(packed: jax.Array, max_hw: int) -> tuple[int, int]:

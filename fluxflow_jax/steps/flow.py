@@ -1,7 +1,8 @@
 """The flow step: frozen VAE encode, text encode, flow-matching (or v-prediction) loss.
 
 Latents: the sampled compressor output (as the reference; ``loss.sample_posterior=False`` takes the
-posterior mean) or ``batch['latent']`` (a latent cache);
+posterior mean) or ``batch['latent']`` (a latent cache: packed ``[B, T+1, d]``, or the grid
+``[B, h, w, d]``, which carries non-square sizes statically);
 only image tokens are noised, the HW token rides along clean. Text: the text encoder (dropout
 active when it is trained, as the reference's train mode) or ``batch['text_emb']``. CFG dropout
 replaces rows with zeros or with the encoding of the empty prompt (``cfg_null``), which the
@@ -27,6 +28,7 @@ from jax.sharding import Mesh
 
 from fluxflow_jax import losses
 from fluxflow_jax.models.registry import ModelSet
+from fluxflow_jax.models.vae import hw_token
 from fluxflow_jax.state import TrainState
 from fluxflow_jax.steps import common
 
@@ -155,7 +157,14 @@ def make_flow_step(models: ModelSet, tx: optax.GradientTransformation,
                              "cached 'text_emb'; the encoder must see token ids to train")
         key = common.step_key(rng, state.step, "flow")
         k_enc, k_loss = jax.random.split(key)
-        if "latent" in batch:
+        if "latent" in batch and batch["latent"].ndim == 4:  # cached grid [B, h, w, d]
+            grid = batch["latent"].astype(F32)
+            b, h, w, d = grid.shape
+            comp = models.require("compressor", "cached latent grids (its max_hw)")
+            packed = jnp.concatenate([grid.reshape(b, h * w, d),
+                                      hw_token(b, (h, w), d, comp.max_hw)], axis=1)
+            hw = (h, w)
+        elif "latent" in batch:  # packed [B, T+1, d]
             packed = batch["latent"]
             hw = flow_latent_grid(models, packed.shape[1] - 1, image_hw)
         else:
