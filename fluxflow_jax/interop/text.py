@@ -68,8 +68,8 @@ def infer_text_config(sd: Mapping[str, Any], prefix: str = "",
                       overrides: Optional[Mapping[str, Any]] = None) -> dict:
     """BertTextEncoder kwargs from a reference state dict's shapes, then ``overrides``.
 
-    ``n_heads`` is not visible in the shapes: it defaults to ``dim // 64`` (DistilBERT's head
-    width, 768/12) and must be given in ``overrides`` otherwise. The head's activation is
+    ``n_heads`` is not visible in the shapes and must be in ``overrides``: DistilBERT's usual
+    head width 64 is a convention, not a rule, and a wrong guess changes the model silently. The head's activation is
     ``'bezier'`` when ``ouput_layer.0`` is 2560 wide; the 512-wide ablation head needs
     ``overrides['activation']``.
     """
@@ -103,10 +103,10 @@ def infer_text_config(sd: Mapping[str, Any], prefix: str = "",
         raise InteropError(f"{prefix}ouput_layer.0.weight has {head0} rows; expected 2560 "
                            "(Bezier head) or 512 (ablation head)")
     if "n_heads" not in overrides:
-        if dim % 64:
-            raise InteropError(f"cannot infer n_heads for dim={dim} (not a multiple of "
-                               "DistilBERT's head width 64); pass config={'n_heads': ...}")
-        cfg["n_heads"] = dim // 64
+        raise InteropError(f"{lm}transformer: the text encoder's head count cannot be read from "
+                           "the weights; give it: `convert to-flax --config <config file>` "
+                           "(model.text.n_heads), a file exported by fluxflow_jax (its metadata "
+                           "carries it) or config={'n_heads': N}")
     cfg.update(overrides)
     return _check_config(cfg)
 
@@ -219,3 +219,65 @@ def load_hf_distilbert(model_dir: str | Path) -> tuple[dict, dict[str, Any]]:
     params = import_state_dict(sd, template, distilbert_rule, ignore=(POSITION_IDS,),
                                what=f"HF DistilBERT weights {w_path}")
     return jax.tree.map(jnp.asarray, params["params"]), cfg
+
+
+# --------------------------------------------------------------------------- run-level loader
+
+# config.model.text keys that must equal the pretrained directory's config.json (they fix shapes
+# or, for pad_token_id, which embedding row is the padding one). Dropout rates are training
+# settings and stay the run's.
+PRETRAINED_MUST_MATCH = ("vocab_size", "dim", "n_layers", "n_heads", "hidden_dim",
+                         "max_position_embeddings", "pad_token_id")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
+
+
+def check_pretrained_config(model_dir: str | Path, text_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The directory's DistilBERT kwargs, after checking ``config.model.text`` agrees with them.
+
+    A mismatch is one line naming the key, both values and the fix.
+    """
+    hf = _read_hf_config(Path(model_dir) / "config.json")
+    for key in PRETRAINED_MUST_MATCH:
+        if key in text_cfg and int(text_cfg[key]) != int(hf[key]):
+            fix = (f"set config.tokenizer={model_dir} (the checkpoint's own tokenizer)"
+                   if key in ("vocab_size", "pad_token_id") else
+                   f"set --config.model.text.{key}={hf[key]}")
+            raise InteropError(f"config.model.text.{key}={text_cfg[key]} but "
+                               f"{Path(model_dir) / 'config.json'} has {key}={hf[key]}: {fix}")
+    return hf
+
+
+def load_pretrained_text_encoder(model_dir: str | Path, model_cfg: Mapping[str, Any],
+                                 params: Mapping[str, Any]) -> dict:
+    """``params`` of a BertTextEncoder with its DistilBERT backbone replaced by the pretrained
+    weights of a local HF directory (``config.json`` + ``model.safetensors``).
+
+    ``model_cfg`` is the run's ``config.model`` (its ``text`` section is checked against the
+    directory by :func:`check_pretrained_config`); ``params`` the encoder's current params, whose
+    ``head`` is kept (DistilBERT has no such head). The backbone is used exactly as stored: the
+    reference re-initialises every pretrained Linear with xavier after loading (REFERENCE.md
+    section 10), which discards the pretraining.
+    """
+    text_cfg = model_cfg["text"] if "text" in model_cfg else {}
+    check_pretrained_config(model_dir, text_cfg)
+    backbone, _ = load_hf_distilbert(model_dir)
+    if "language_model" not in params:
+        raise InteropError("load_pretrained_text_encoder: params has no 'language_model' subtree "
+                           "(pass the text encoder's params, e.g. params['text_encoder'])")
+    want = {p: np.shape(v) for p, v in traverse_util.flatten_dict(params["language_model"]).items()}
+    got = {p: np.shape(v) for p, v in traverse_util.flatten_dict(backbone).items()}
+    if want != got:
+        bad = sorted("/".join(p) for p in set(want) | set(got) if want.get(p) != got.get(p))
+        raise InteropError(f"{model_dir}: backbone does not fit config.model.text ({bad[:3]})")
+    return {**dict(params), "language_model": backbone}
+
+
+def pretrained_tokenizer_dir(model_dir: str | Path | None) -> str | None:
+    """``model_dir`` when it holds a tokenizer (HF ``save_pretrained`` files), else None.
+
+    The tokenizer a backbone was pretrained with is the one whose ids its embeddings know.
+    """
+    if not model_dir:
+        return None
+    root = Path(model_dir)
+    return str(root) if any((root / f).is_file() for f in TOKENIZER_FILES) else None
