@@ -18,16 +18,20 @@ from fluxflow_jax import interop, train
 from fluxflow_jax.convert import load_model_section
 from fluxflow_jax.data.tokenizer import DEMO_TOKENIZER_DIR, load_tokenizer
 from fluxflow_jax.interop.common import InteropError
-from fluxflow_jax.interop.text import (load_pretrained_text_encoder, pretrained_tokenizer_dir,
-                                       text_from_torch)
+from fluxflow_jax.interop.text import (
+    load_pretrained_text_encoder,
+    pretrained_tokenizer_dir,
+    text_from_torch,
+)
 from fluxflow_jax.models import registry
 from fluxflow_jax.models.text import BertTextEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = dict(vae_dim=16, downscales=3, upscales=3, vae_attn_layers=1, vae_attn_heads=4,
-             flow_dim=32, flow_layers=2, flow_heads=4, text_embedding_dim=24,
-             text=dict(vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
-                       max_position_embeddings=64, dropout=0.1, pooling="mean"))
+MODEL = {"vae_dim": 16, "downscales": 3, "upscales": 3, "vae_attn_layers": 1,
+         "vae_attn_heads": 4, "flow_dim": 32, "flow_layers": 2, "flow_heads": 4,
+         "text_embedding_dim": 24,
+         "text": {"vocab_size": 100, "dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 64,
+                  "max_position_embeddings": 64, "dropout": 0.1, "pooling": "mean"}}
 CONFIG_FILE = """import ml_collections
 def get_config(arg=""):
     c = ml_collections.ConfigDict()
@@ -38,7 +42,8 @@ def get_config(arg=""):
 
 def _convert(*args):
     r = subprocess.run([sys.executable, "-m", "fluxflow_jax.convert", *map(str, args)],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+                       capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       check=False)
     return r.returncode, r.stdout, r.stderr
 
 

@@ -24,8 +24,7 @@ from safetensors.numpy import save_file
 
 from fluxflow_jax import lpips, optim, sharding, steps
 from fluxflow_jax.interop.lpips import convert_lpips
-from fluxflow_jax.interop.torch_pickle import (LEGACY_MAGIC, TorchPickleError,
-                                               load_torch_state_dict)
+from fluxflow_jax.interop.torch_pickle import LEGACY_MAGIC, TorchPickleError, load_torch_state_dict
 from fluxflow_jax.models import registry
 from fluxflow_jax.state import step_params
 
@@ -92,8 +91,7 @@ def write_pth(path, sd, legacy, fake_torch):
                 pickle.dump(head, f, protocol=2)
             f.write(buf.getvalue())
             pickle.dump([s.key for s in storages], f, protocol=2)
-            for s in storages:
-                f.write(struct.pack("<q", s.data.size) + s.data.tobytes())
+            f.writelines(struct.pack("<q", s.data.size) + s.data.tobytes() for s in storages)
     else:
         with zipfile.ZipFile(path, "w") as z:
             z.writestr("archive/data.pkl", buf.getvalue())
@@ -126,7 +124,8 @@ def lp_params():
 
 def _convert(*args):
     r = subprocess.run([sys.executable, "-m", "fluxflow_jax.convert", "lpips", *map(str, args)],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+                       capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       check=False)
     return r.returncode, r.stdout, r.stderr
 
 

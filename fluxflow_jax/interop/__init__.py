@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Union
 
 import numpy as np
 from flax import traverse_util
@@ -95,7 +96,7 @@ UNSEEN_SETTINGS = {"compressor": (("attn_heads", "vae_attn_heads"),),
                    "text_encoder": (("n_heads", "text.n_heads"),)}
 
 
-def overrides_from_model_config(model_cfg: Optional[Mapping[str, Any]]) -> dict[str, dict]:
+def overrides_from_model_config(model_cfg: Mapping[str, Any] | None) -> dict[str, dict]:
     """Per-model settings a checkpoint's shapes cannot reveal, read from a run's ``config.model``.
 
     Head counts (any divisor of the width fits the weights) and the pipeline's ``ctx_tokens``
@@ -131,7 +132,7 @@ def _merge(name: str, stored: Mapping, given: Mapping, path: PathLike) -> dict:
 
 
 def _pipeline_ctx_tokens(sd: Mapping[str, np.ndarray], stored: Mapping, given: Mapping
-                         ) -> Optional[int]:
+                         ) -> int | None:
     """``ctx_tokens`` of the flow model and expander, as the reference's ``FluxPipeline`` sets it.
 
     Order: our export's metadata; else the compressor in the same file (its ``downscales``: the
@@ -150,9 +151,9 @@ def _pipeline_ctx_tokens(sd: Mapping[str, np.ndarray], stored: Mapping, given: M
     return None
 
 
-def load_reference(path: PathLike, models: Optional[set[str]] = None,
-                   configs: Optional[Mapping[str, Mapping]] = None,
-                   model_cfg: Optional[Mapping[str, Any]] = None
+def load_reference(path: PathLike, models: set[str] | None = None,
+                   configs: Mapping[str, Mapping] | None = None,
+                   model_cfg: Mapping[str, Any] | None = None
                    ) -> dict[str, tuple[dict, dict]]:
     """Read a reference checkpoint (file or directory) -> ``{model: (variables, config)}``.
 
@@ -282,8 +283,8 @@ def is_flax_param_file(path: PathLike) -> bool:
         return False
 
 
-def load_any(path: PathLike, models: Optional[set[str]] = None,
-             model_cfg: Optional[Mapping[str, Any]] = None) -> dict[str, tuple[dict, dict]]:
+def load_any(path: PathLike, models: set[str] | None = None,
+             model_cfg: Mapping[str, Any] | None = None) -> dict[str, tuple[dict, dict]]:
     """A Flax param file or a reference checkpoint (file or directory).
 
     ``model_cfg`` (a run's ``config.model``) supplies what a reference file's shapes cannot show

@@ -16,7 +16,6 @@ output is checked by loading it back with ``load_lpips_weights`` before it is mo
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
@@ -24,7 +23,7 @@ from safetensors.numpy import load_file, save_file
 from fluxflow_jax.interop.torch_pickle import load_torch_state_dict
 from fluxflow_jax.lpips import CHANNELS, VGG16_BLOCKS, load_lpips_weights
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 
 def _read(path: PathLike, keys: list[str], flag: str) -> dict[str, np.ndarray]:

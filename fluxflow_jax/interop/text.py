@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,12 +34,12 @@ TEXT_CONFIG_KEYS = ("embed_dim",) + DISTILBERT_KEYS + ("pooling", "freeze_backbo
 _HEAD_INDEX = {"dense_0": "0", "norm_1": "1", "dense_3": "3", "norm_4": "4"}
 
 
-def _leaf(leaf: str) -> Optional[tuple[str, str]]:
+def _leaf(leaf: str) -> tuple[str, str] | None:
     return {"kernel": ("weight", "linear"), "embedding": ("weight", "plain"),
             "scale": ("weight", "plain"), "bias": ("bias", "plain")}.get(leaf)
 
 
-def distilbert_rule(path: tuple) -> Optional[tuple[str, str]]:
+def distilbert_rule(path: tuple) -> tuple[str, str] | None:
     """``('params', *names)`` of a standalone :class:`DistilBert` -> HF ``DistilBertModel`` key."""
     if path[:1] != ("params",) or len(path) < 3:
         return None
@@ -50,7 +51,7 @@ def distilbert_rule(path: tuple) -> Optional[tuple[str, str]]:
     return ".".join(names + [leaf[0]]), leaf[1]
 
 
-def text_rule(path: tuple) -> Optional[tuple[str, str]]:
+def text_rule(path: tuple) -> tuple[str, str] | None:
     """``('params', *names)`` of a :class:`BertTextEncoder` -> reference key."""
     if path[:1] != ("params",) or len(path) < 3:
         return None
@@ -65,7 +66,7 @@ def text_rule(path: tuple) -> Optional[tuple[str, str]]:
 
 
 def infer_text_config(sd: Mapping[str, Any], prefix: str = "",
-                      overrides: Optional[Mapping[str, Any]] = None) -> dict:
+                      overrides: Mapping[str, Any] | None = None) -> dict:
     """BertTextEncoder kwargs from a reference state dict's shapes, then ``overrides``.
 
     ``n_heads`` is not visible in the shapes and must be in ``overrides``: DistilBERT's usual
@@ -126,7 +127,7 @@ def text_template(config: Mapping[str, Any]) -> dict:
     return jax.eval_shape(lambda k: model.init(k, ids), jax.random.key(0))
 
 
-def text_to_torch(variables: Mapping, config: Optional[Mapping[str, Any]] = None,
+def text_to_torch(variables: Mapping, config: Mapping[str, Any] | None = None,
                   prefix: str = "") -> dict[str, np.ndarray]:
     """Export ``{'params': ...}`` to reference keys (``prefix='text_encoder.'``: trainer file).
 
@@ -144,7 +145,7 @@ def text_to_torch(variables: Mapping, config: Optional[Mapping[str, Any]] = None
     return export_state_dict(variables, text_rule, prefix=prefix)
 
 
-def text_from_torch(sd: Mapping[str, Any], config: Optional[Mapping[str, Any]] = None,
+def text_from_torch(sd: Mapping[str, Any], config: Mapping[str, Any] | None = None,
                     prefix: str = "") -> tuple[dict, dict]:
     """Import a reference state dict -> (``{'params': jnp arrays}``, full config).
 
@@ -206,11 +207,11 @@ def load_hf_distilbert(model_dir: str | Path) -> tuple[dict, dict[str, Any]]:
     from safetensors.numpy import load_file
     try:
         raw = load_file(str(w_path))
-    except Exception as e:  # noqa: BLE001 - re-raised with the file named
+    except Exception as e:
         raise InteropError(f"could not read {w_path}: {e}") from e
     sd = {}
     for k, v in raw.items():
-        k = k[len("distilbert."):] if k.startswith("distilbert.") else k
+        k = k.removeprefix("distilbert.")
         if not k.startswith(HF_HEAD_PREFIXES):
             sd[k] = v
     model = DistilBert(**cfg)
@@ -258,7 +259,7 @@ def load_pretrained_text_encoder(model_dir: str | Path, model_cfg: Mapping[str, 
     reference re-initialises every pretrained Linear with xavier after loading (REFERENCE.md
     section 10), which discards the pretraining.
     """
-    text_cfg = model_cfg["text"] if "text" in model_cfg else {}
+    text_cfg = model_cfg.get("text", {})
     check_pretrained_config(model_dir, text_cfg)
     backbone, _ = load_hf_distilbert(model_dir)
     if "language_model" not in params:

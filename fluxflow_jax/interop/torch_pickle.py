@@ -19,8 +19,9 @@ import io
 import pickle
 import struct
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any
 
 import numpy as np
 
@@ -153,7 +154,7 @@ def _load_legacy(path: Path) -> Any:
     return obj
 
 
-def load_torch_state_dict(path: Union[str, Path]) -> dict[str, LazyTensor]:
+def load_torch_state_dict(path: str | Path) -> dict[str, LazyTensor]:
     """``{key: LazyTensor}`` of a ``torch.save``'d state dict (either format), never executing
     code from the file."""
     path = Path(path)
