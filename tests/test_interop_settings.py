@@ -18,6 +18,7 @@ from fluxflow_jax import interop, train
 from fluxflow_jax.convert import load_model_section
 from fluxflow_jax.data.tokenizer import DEMO_TOKENIZER_DIR, load_tokenizer
 from fluxflow_jax.interop.common import InteropError
+from fluxflow_jax.interop.flow import infer_flow_config
 from fluxflow_jax.interop.text import (
     load_pretrained_text_encoder,
     pretrained_tokenizer_dir,
@@ -111,6 +112,18 @@ def test_convert_text_encoder_needs_heads(tmp_path):
     out = BertTextEncoder(**config).apply(variables, jnp.asarray(io["input_ids"]),
                                           jnp.asarray(io["attention_mask"]))
     assert_close_ref(out, io["out"], "text encoder converted with --config")
+
+
+def test_flow_heads_without_inv_freq_are_asked_for():
+    _, _, weights = load_case(parity_dir() / "pipeline")
+    flow = {k[len("flow_processor."):]: v for k, v in weights.items()
+            if k.startswith("flow_processor.") and not k.endswith("rotary_pe.inv_freq")}
+    with pytest.raises(InteropError, match=r"head count cannot be read.*model.flow_heads"):
+        infer_flow_config(flow)
+    assert infer_flow_config(flow, overrides={"n_head": 4})["n_head"] == 4
+    with_buffers = {k[len("flow_processor."):]: v for k, v in weights.items()
+                    if k.startswith("flow_processor.")}
+    assert infer_flow_config(with_buffers)["n_head"] == 4  # read from the inv_freq length
 
 
 def test_config_file_gives_the_head_counts():

@@ -86,7 +86,7 @@ def test_ablation_head_roundtrip_needs_its_activation():
 def test_infer_config_and_its_errors():
     sd = text_to_torch(random_variables(TINY))
     with pytest.raises(InteropError, match="n_heads"):
-        infer_text_config(sd)  # dim 16 is not a multiple of 64
+        infer_text_config(sd)  # never guessed from the width
     assert infer_text_config(sd, overrides={"n_heads": 2}) == {**TINY, "activation": "bezier"}
     with pytest.raises(InteropError, match="unknown BertTextEncoder config keys"):
         infer_text_config(sd, overrides={"n_heads": 2, "heads": 2})
