@@ -66,6 +66,17 @@ def test_registry_ties_ctx_tokens_to_downscales():
         registry.build_models({**MODEL, "ctx_tokens": 4}, {"flow"})
 
 
+def test_loaded_config_must_agree_with_the_run_on_shapeless_settings():
+    models = registry.build_models({**MODEL, "downscales": 4, "upscales": 4}, {"flow"})
+    built = train.module_config(models.flow)
+    interop.check_loaded_config("flow", dict(built), built, "x.safetensors")  # agrees
+    with pytest.raises(InteropError, match=r"x.safetensors: flow.ctx_tokens=3 in the checkpoint "
+                                           r"but 4 .*config.model.downscales"):
+        interop.check_loaded_config("flow", {**built, "ctx_tokens": 3}, built, "x.safetensors")
+    with pytest.raises(InteropError, match=r"flow.n_head=8 in the checkpoint but 4"):
+        interop.check_loaded_config("flow", {**built, "n_head": 8}, built, "x.safetensors")
+
+
 def test_convert_pipeline_checkpoint_heads_and_ctx_tokens(tmp_path):
     _, _, weights = load_case(parity_dir() / "pipeline")
     ref = tmp_path / "ref"

@@ -23,6 +23,10 @@ from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 from fluxflow_jax.interop.common import InteropError, count_params  # noqa: F401
+from fluxflow_jax.interop.text import (  # noqa: F401  (the run-level entry points)
+    load_pretrained_text_encoder,
+    pretrained_tokenizer_dir,
+)
 
 PathLike = Union[str, Path]
 
@@ -118,6 +122,26 @@ def overrides_from_model_config(model_cfg: Mapping[str, Any] | None) -> dict[str
         for name in ("flow", "expander"):
             out.setdefault(name, {})["ctx_tokens"] = int(model_cfg["downscales"])
     return out
+
+
+# Settings that change what a model computes but not its weights' shapes, so a shape check
+# cannot catch a checkpoint/config disagreement on them.
+SHAPELESS_SETTINGS = ("ctx_tokens", "attn_heads", "n_head", "n_heads", "activation")
+
+
+def check_loaded_config(name: str, loaded: Mapping[str, Any], built: Mapping[str, Any],
+                        source: PathLike) -> None:
+    """Refuse weights whose config differs from the run's module on a shapeless setting.
+
+    ``loaded``: the config that came with the weights; ``built``: the constructor fields of the
+    module the run built (e.g. ``train.module_config(models.flow)``). One line, naming both.
+    """
+    for key in SHAPELESS_SETTINGS:
+        if key in loaded and key in built and loaded[key] != built[key]:
+            hint = ("it follows config.model.downscales" if key == "ctx_tokens"
+                    else "set config.model to the checkpoint's value")
+            raise InteropError(f"{source}: {name}.{key}={loaded[key]} in the checkpoint but "
+                               f"{built[key]} in the run's model ({hint})")
 
 
 def _merge(name: str, stored: Mapping, given: Mapping, path: PathLike) -> dict:
