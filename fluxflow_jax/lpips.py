@@ -6,8 +6,10 @@ relu5_3`` activations, unit-normalise each over channels (``x / (||x|| + 1e-10)`
 difference, weight channels with the five learned 1x1 heads (``lin0..lin4``, no bias), average
 over space and sum the five layers.
 
-Weights never come from the network: ``load_lpips_weights`` reads local safetensors files
-(convert the torchvision VGG16 and the lpips ``vgg.pth`` heads once, offline). Expected keys
+Weights never come from the network: ``load_lpips_weights`` reads local safetensors files. Make
+one from torchvision's ``vgg16-397923af.pth`` and the lpips package's ``weights/v0.1/vgg.pth``
+with ``python -m fluxflow_jax.convert lpips --vgg ... --lin ... --out lpips_vgg16.safetensors``
+(no torch needed; see ``fluxflow_jax.interop.lpips``). Expected keys
 (PyTorch layouts; extra keys such as ``classifier.*`` are ignored):
 
 * ``features.{N}.weight`` ``[O, I, 3, 3]`` and ``features.{N}.bias`` ``[O]`` for the torchvision

@@ -1,7 +1,7 @@
 """Parity checks for the VAE (components FluxCompressor and FluxExpander).
 
 Weights go through the interop layer (config inferred from the checkpoint, heads from the case's
-kwargs since weights cannot reveal them), so a wrong key map or layout fails here as well.
+kwargs since weights cannot reveal them; without them the import is refused), so a wrong key map or layout fails here as well.
 """
 from pathlib import Path
 
@@ -23,8 +23,15 @@ def _inferred_matches_kwargs(cfg: dict, kwargs: dict, case: Path) -> None:
 def check_compressor(case: Path) -> None:
     cfg, io, weights = load_case(case)
     kwargs = cfg["kwargs"]
-    variables, conf = iv.compressor_from_torch(weights)
-    conf["attn_heads"] = kwargs.get("attn_heads", 8)
+    if kwargs.get("attn_layers"):  # heads are not in the weights: refused, never guessed
+        try:
+            iv.compressor_from_torch(weights)
+        except iv.InteropError as e:
+            assert "heads" in str(e) and "--config" in str(e), str(e)
+        else:
+            raise AssertionError(f"{case.name}: heads were guessed instead of asked for")
+    conf = iv.infer_compressor_config(weights, overrides={"attn_heads": kwargs["attn_heads"]})
+    variables, conf = iv.compressor_from_torch(weights, conf)
     _inferred_matches_kwargs(conf, kwargs, case)
     model = FluxCompressor(**conf)
     # The fixture zeroed the reparameterisation noise, i.e. z = mu: sample=False.

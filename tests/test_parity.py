@@ -11,7 +11,7 @@ import pytest
 from parity_utils import parity_dir
 
 CHECK_MODULES = ["parity_checks_bezier", "parity_checks_vae", "parity_checks_flow",
-                 "parity_checks_disc_text", "parity_checks_engine"]
+                 "parity_checks_disc_text", "parity_checks_engine", "parity_checks_pipeline"]
 # Folders that hold no numeric case (key/shape manifests are checked by the export tests).
 NON_CASES = {"manifest_phase1"}
 

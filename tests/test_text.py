@@ -9,9 +9,9 @@ from flax import traverse_util
 from safetensors.numpy import save_file
 
 from fluxflow_jax.interop.common import InteropError, count_params
-from fluxflow_jax.interop.text import (infer_text_config, text_from_torch, text_template,
-                                       text_to_torch)
-from fluxflow_jax.models.text import BertTextEncoder, Embed, load_hf_distilbert
+from fluxflow_jax.interop.text import (infer_text_config, load_hf_distilbert, text_from_torch,
+                                       text_template, text_to_torch)
+from fluxflow_jax.models.text import BertTextEncoder, Embed
 
 BACKBONE = dict(vocab_size=50, dim=16, n_layers=2, n_heads=2, hidden_dim=32,
                 max_position_embeddings=16)
@@ -86,7 +86,7 @@ def test_ablation_head_roundtrip_needs_its_activation():
 def test_infer_config_and_its_errors():
     sd = text_to_torch(random_variables(TINY))
     with pytest.raises(InteropError, match="n_heads"):
-        infer_text_config(sd)  # dim 16 is not a multiple of 64
+        infer_text_config(sd)  # never guessed from the width
     assert infer_text_config(sd, overrides={"n_heads": 2}) == {**TINY, "activation": "bezier"}
     with pytest.raises(InteropError, match="unknown BertTextEncoder config keys"):
         infer_text_config(sd, overrides={"n_heads": 2, "heads": 2})
@@ -241,3 +241,14 @@ def test_bad_inputs_raise():
         model.apply(variables, jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 5)))
     with pytest.raises(ValueError, match="pooling must be one of"):
         BertTextEncoder(**TINY, pooling="cls").apply(variables, jnp.zeros((1, 4), jnp.int32))
+
+
+def test_models_import_without_interop():
+    """models/ is the lower layer: importing every model module must not pull in interop/
+    (the HF loader lives in interop.text; a back-import would be an import cycle)."""
+    import subprocess
+    import sys
+    code = ("import sys, fluxflow_jax.models.registry, fluxflow_jax.models.text; "
+            "bad = [m for m in sys.modules if m.startswith('fluxflow_jax.interop')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

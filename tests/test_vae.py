@@ -293,9 +293,15 @@ def test_export_import_roundtrip_is_bit_identical(vae_vars):
             (iv.expander_to_torch, iv.expander_from_torch, ev, E_CFG)):
         sd = to_torch(var, cfg, prefix="diffuser.x.")
         assert all(k.startswith("diffuser.x.") and v.dtype == np.float32 for k, v in sd.items())
-        back, inferred = from_torch(sd, prefix="diffuser.x.")
-        assert {k: inferred[k] for k in cfg if k != "attn_heads"} == \
-            {k: v for k, v in cfg.items() if k != "attn_heads"}
+        if "attn_heads" in cfg:  # not in the weights: refused unless given
+            with pytest.raises(InteropError, match="attention heads"):
+                from_torch(sd, prefix="diffuser.x.")
+            inferred = iv.infer_compressor_config(sd, "diffuser.x.",
+                                                  {"attn_heads": cfg["attn_heads"]})
+            back, _ = from_torch(sd, inferred, prefix="diffuser.x.")
+        else:
+            back, inferred = from_torch(sd, prefix="diffuser.x.")
+        assert {k: inferred[k] for k in cfg} == cfg
         fb, fv = _flat(back), _flat(var)
         assert fb.keys() == fv.keys()
         for path in fv:

@@ -14,14 +14,19 @@ from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Union
 
 import numpy as np
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 from fluxflow_jax.interop.common import InteropError, count_params  # noqa: F401
+from fluxflow_jax.interop.text import (  # noqa: F401  (the run-level entry points)
+    load_pretrained_text_encoder,
+    pretrained_tokenizer_dir,
+)
 
 PathLike = Union[str, Path]
 
@@ -83,13 +88,105 @@ def reference_files(path: PathLike) -> list[Path]:
     return [path]
 
 
-def load_reference(path: PathLike, models: Optional[set[str]] = None,
-                   configs: Optional[Mapping[str, Mapping]] = None
+# model name -> the config-inference function of its interop module (shapes -> kwargs).
+_INFER = {"compressor": ("vae", "infer_compressor_config"),
+          "expander": ("vae", "infer_expander_config"),
+          "flow": ("flow", "infer_flow_config"),
+          "text_encoder": ("text", "infer_text_config"),
+          "discriminator": ("discriminator", "infer_disc_config")}
+# Settings the weights cannot show, by model: (our config key, config.model key).
+UNSEEN_SETTINGS = {"compressor": (("attn_heads", "vae_attn_heads"),),
+                   "flow": (("n_head", "flow_heads"),),
+                   "text_encoder": (("n_heads", "text.n_heads"),)}
+
+
+def overrides_from_model_config(model_cfg: Mapping[str, Any] | None) -> dict[str, dict]:
+    """Per-model settings a checkpoint's shapes cannot reveal, read from a run's ``config.model``.
+
+    Head counts (any divisor of the width fits the weights) and the pipeline's ``ctx_tokens``
+    (= ``downscales``, used only when the file has no compressor to read it from).
+    """
+    if not model_cfg:
+        return {}
+    out: dict[str, dict] = {}
+    for name, pairs in UNSEEN_SETTINGS.items():
+        for ours, key in pairs:
+            node: Any = model_cfg
+            for part in key.split("."):
+                node = node.get(part) if isinstance(node, Mapping) or hasattr(node, "get") else None
+                if node is None:
+                    break
+            if node is not None:
+                out.setdefault(name, {})[ours] = int(node)
+    if model_cfg.get("downscales") is not None:
+        for name in ("flow", "expander"):
+            out.setdefault(name, {})["ctx_tokens"] = int(model_cfg["downscales"])
+    return out
+
+
+# Settings that change what a model computes but not its weights' shapes, so a shape check
+# cannot catch a checkpoint/config disagreement on them.
+SHAPELESS_SETTINGS = ("ctx_tokens", "attn_heads", "n_head", "n_heads", "activation")
+
+
+def check_loaded_config(name: str, loaded: Mapping[str, Any], built: Mapping[str, Any],
+                        source: PathLike) -> None:
+    """Refuse weights whose config differs from the run's module on a shapeless setting.
+
+    ``loaded``: the config that came with the weights; ``built``: the constructor fields of the
+    module the run built (e.g. ``train.module_config(models.flow)``). One line, naming both.
+    """
+    for key in SHAPELESS_SETTINGS:
+        if key in loaded and key in built and loaded[key] != built[key]:
+            hint = ("it follows config.model.downscales" if key == "ctx_tokens"
+                    else "set config.model to the checkpoint's value")
+            raise InteropError(f"{source}: {name}.{key}={loaded[key]} in the checkpoint but "
+                               f"{built[key]} in the run's model ({hint})")
+
+
+def _merge(name: str, stored: Mapping, given: Mapping, path: PathLike) -> dict:
+    """``given`` over ``stored`` (our export's metadata); a disagreement on a setting is refused."""
+    for k, v in given.items():
+        if k != "ctx_tokens" and k in stored and stored[k] != v:
+            raise InteropError(f"{path}: {name}.{k}={stored[k]} in the file's metadata but {v} "
+                               "in the given config; drop one of them")
+    merged = {**stored, **given}
+    merged.pop("ctx_tokens", None)  # decided by _pipeline_ctx_tokens
+    return merged
+
+
+def _pipeline_ctx_tokens(sd: Mapping[str, np.ndarray], stored: Mapping, given: Mapping
+                         ) -> int | None:
+    """``ctx_tokens`` of the flow model and expander, as the reference's ``FluxPipeline`` sets it.
+
+    Order: our export's metadata; else the compressor in the same file (its ``downscales``: the
+    reference overwrites both modules' ``ctx_tokens`` with it); else the given config; else None
+    (a bare module keeps the reference's default).
+    """
+    for name in ("flow", "expander"):
+        if "ctx_tokens" in stored.get(name, {}):
+            return int(stored[name]["ctx_tokens"])
+    downscales = _fn("vae", "count_downscales")(sd, COMPONENTS["compressor"][1])
+    if downscales:
+        return downscales
+    for name in ("flow", "expander"):
+        if "ctx_tokens" in given.get(name, {}):
+            return int(given[name]["ctx_tokens"])
+    return None
+
+
+def load_reference(path: PathLike, models: set[str] | None = None,
+                   configs: Mapping[str, Mapping] | None = None,
+                   model_cfg: Mapping[str, Any] | None = None
                    ) -> dict[str, tuple[dict, dict]]:
     """Read a reference checkpoint (file or directory) -> ``{model: (variables, config)}``.
 
-    ``models`` restricts which components are read (default: every component found).
-    ``configs`` may give a model's config; otherwise it is inferred from the shapes.
+    ``models`` restricts which components are read (default: every component found). A model's
+    config is inferred from the shapes, completed by (in rising priority) our export's metadata,
+    ``model_cfg`` (a run's ``config.model``: head counts, see
+    :func:`overrides_from_model_config`) and ``configs`` (``{model: partial config}``). Settings
+    the shapes cannot show and nothing gives are refused, not guessed. The flow model's and the
+    expander's ``ctx_tokens`` follow the reference's pipeline (:func:`_pipeline_ctx_tokens`).
     Components whose prefix is absent from the files are simply not returned.
     """
     sd: dict[str, np.ndarray] = {}
@@ -97,7 +194,10 @@ def load_reference(path: PathLike, models: Optional[set[str]] = None,
     for f in reference_files(path):
         sd.update(read_state_dict(f))
         stored.update(_stored_configs(f))
-    configs = {**stored, **dict(configs or {})}
+    given = overrides_from_model_config(model_cfg)
+    for name, cfg in (configs or {}).items():
+        given[name] = {**given.get(name, {}), **dict(cfg)}
+    ctx_tokens = _pipeline_ctx_tokens(sd, stored, given)
     out = {}
     for name, (_, prefix, module, from_fn, _) in COMPONENTS.items():
         if models is not None and name not in models:
@@ -105,15 +205,25 @@ def load_reference(path: PathLike, models: Optional[set[str]] = None,
         part = _strip(sd, prefix)
         if not part:
             continue
-        cfg = (configs or {}).get(name)
+        overrides = _merge(name, stored.get(name, {}), given.get(name, {}), path)
+        if name in ("flow", "expander") and ctx_tokens is not None:
+            overrides["ctx_tokens"] = ctx_tokens
         try:
-            out[name] = _fn(module, from_fn)(part, None if cfg is None else dict(cfg))
+            cfg = _infer(name, part, overrides)
+            out[name] = _fn(module, from_fn)(part, cfg)
         except InteropError as e:
             raise InteropError(f"{path} [{prefix}*]: {e}") from e
     if models is not None and (missing := sorted(set(models) - set(out))):
         raise InteropError(f"{path}: no weights for {missing} (looked for prefixes "
                            f"{[COMPONENTS[m][1] for m in missing]})")
     return out
+
+
+def _infer(name: str, sd: Mapping[str, np.ndarray], overrides: Mapping[str, Any]) -> dict:
+    module, fn = _INFER[name]
+    if name == "discriminator":  # every setting of D shows in its shapes
+        return {**_fn(module, fn)(sd), **overrides}
+    return dict(_fn(module, fn)(sd, "", overrides))
 
 
 def to_reference_state_dicts(models: Mapping[str, tuple[Mapping, Mapping]]
@@ -197,12 +307,17 @@ def is_flax_param_file(path: PathLike) -> bool:
         return False
 
 
-def load_any(path: PathLike, models: Optional[set[str]] = None) -> dict[str, tuple[dict, dict]]:
-    """A Flax param file or a reference checkpoint (file or directory)."""
+def load_any(path: PathLike, models: set[str] | None = None,
+             model_cfg: Mapping[str, Any] | None = None) -> dict[str, tuple[dict, dict]]:
+    """A Flax param file or a reference checkpoint (file or directory).
+
+    ``model_cfg`` (a run's ``config.model``) supplies what a reference file's shapes cannot show
+    (head counts; see :func:`load_reference`).
+    """
     if is_flax_param_file(path):
         out = load_flax_params(path)
         return {k: v for k, v in out.items() if models is None or k in models}
-    return load_reference(path, models)
+    return load_reference(path, models, model_cfg=model_cfg)
 
 
 def _plain(tree: Any) -> Any:

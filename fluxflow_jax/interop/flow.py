@@ -21,7 +21,6 @@ from fluxflow_jax.models.conditioning import mixer_rule
 from fluxflow_jax.models.flow import FluxFlowProcessor, rope_inv_freq
 
 INV_FREQ = "rotary_pe.inv_freq"
-DEFAULT_N_HEAD = 8  # what the reference assumes when a checkpoint has no inv_freq buffer
 CONFIG_KEYS = ("d_model", "vae_dim", "embedding_size", "n_head", "n_layers", "max_hw", "ctx_tokens")
 
 _PLAIN_LINEARS = ("vae_to_dmodel", "dmodel_to_vae", "text_proj")
@@ -100,14 +99,20 @@ def _config(config: Mapping[str, Any]) -> dict:
     return {k: config[k] for k in CONFIG_KEYS if k in config}
 
 
-def infer_flow_config(sd: Mapping[str, Any], prefix: str = "") -> dict:
-    """FluxFlowProcessor kwargs from a reference state dict (REFERENCE.md section 1.6).
+def infer_flow_config(sd: Mapping[str, Any], prefix: str = "",
+                      overrides: Mapping[str, Any] | None = None) -> dict:
+    """FluxFlowProcessor kwargs from a reference state dict (REFERENCE.md section 1.6), then
+    ``overrides``.
 
     ``d_model``/``vae_dim`` from ``vae_to_dmodel.weight [D, d]``, ``embedding_size`` from
     ``text_proj.weight [D, E]``, ``n_layers`` from the number of ``self_attn.q_proj.weight`` keys,
-    ``n_head = D // (2 * len(inv_freq))`` (8 when the buffer is absent). ``max_hw``/``ctx_tokens``
-    are not stored; the reference's values (1024, 4) are returned.
+    ``n_head = D // (2 * len(inv_freq))``; without that buffer the head count must be in
+    ``overrides`` (the reference would assume 8: a guess that silently changes the model).
+    ``max_hw`` is not stored (1024, the reference's). ``ctx_tokens`` is not stored either: a bare
+    processor has the reference's default 4, but inside a pipeline it equals the compressor's
+    ``downscales`` (``interop.load_reference`` passes that in ``overrides``).
     """
+    overrides = dict(overrides or {})
     sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     for key in ("vae_to_dmodel.weight", "text_proj.weight"):
         if key not in sd:
@@ -117,9 +122,17 @@ def infer_flow_config(sd: Mapping[str, Any], prefix: str = "") -> dict:
     q_key = re.compile(r"transformer_blocks\.\d+\.self_attn\.q_proj\.weight")
     n_layers = sum(1 for k in sd if q_key.fullmatch(k))
     inv = f"transformer_blocks.0.{INV_FREQ}"
-    n_head = d_model // (2 * int(np.shape(sd[inv])[0])) if inv in sd else DEFAULT_N_HEAD
-    return {"d_model": d_model, "vae_dim": vae_dim, "embedding_size": embedding_size,
-            "n_head": n_head, "n_layers": n_layers, "max_hw": 1024, "ctx_tokens": 4}
+    cfg = {"d_model": d_model, "vae_dim": vae_dim, "embedding_size": embedding_size,
+           "n_layers": n_layers, "max_hw": 1024, "ctx_tokens": 4}
+    if inv in sd:
+        cfg["n_head"] = d_model // (2 * int(np.shape(sd[inv])[0]))
+    elif "n_head" not in overrides and n_layers:
+        raise InteropError(f"{prefix}transformer_blocks: no rotary_pe.inv_freq buffer, so the "
+                           "flow model's head count cannot be read from the file; give it: "
+                           "`convert to-flax --config <config file>` (model.flow_heads) or "
+                           "config={'n_head': N}")
+    cfg.update(overrides)
+    return _config(cfg)
 
 
 def flow_template(config: Mapping[str, Any]) -> dict:

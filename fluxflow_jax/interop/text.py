@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,12 +34,12 @@ TEXT_CONFIG_KEYS = ("embed_dim",) + DISTILBERT_KEYS + ("pooling", "freeze_backbo
 _HEAD_INDEX = {"dense_0": "0", "norm_1": "1", "dense_3": "3", "norm_4": "4"}
 
 
-def _leaf(leaf: str) -> Optional[tuple[str, str]]:
+def _leaf(leaf: str) -> tuple[str, str] | None:
     return {"kernel": ("weight", "linear"), "embedding": ("weight", "plain"),
             "scale": ("weight", "plain"), "bias": ("bias", "plain")}.get(leaf)
 
 
-def distilbert_rule(path: tuple) -> Optional[tuple[str, str]]:
+def distilbert_rule(path: tuple) -> tuple[str, str] | None:
     """``('params', *names)`` of a standalone :class:`DistilBert` -> HF ``DistilBertModel`` key."""
     if path[:1] != ("params",) or len(path) < 3:
         return None
@@ -50,7 +51,7 @@ def distilbert_rule(path: tuple) -> Optional[tuple[str, str]]:
     return ".".join(names + [leaf[0]]), leaf[1]
 
 
-def text_rule(path: tuple) -> Optional[tuple[str, str]]:
+def text_rule(path: tuple) -> tuple[str, str] | None:
     """``('params', *names)`` of a :class:`BertTextEncoder` -> reference key."""
     if path[:1] != ("params",) or len(path) < 3:
         return None
@@ -65,11 +66,11 @@ def text_rule(path: tuple) -> Optional[tuple[str, str]]:
 
 
 def infer_text_config(sd: Mapping[str, Any], prefix: str = "",
-                      overrides: Optional[Mapping[str, Any]] = None) -> dict:
+                      overrides: Mapping[str, Any] | None = None) -> dict:
     """BertTextEncoder kwargs from a reference state dict's shapes, then ``overrides``.
 
-    ``n_heads`` is not visible in the shapes: it defaults to ``dim // 64`` (DistilBERT's head
-    width, 768/12) and must be given in ``overrides`` otherwise. The head's activation is
+    ``n_heads`` is not visible in the shapes and must be in ``overrides``: DistilBERT's usual
+    head width 64 is a convention, not a rule, and a wrong guess changes the model silently. The head's activation is
     ``'bezier'`` when ``ouput_layer.0`` is 2560 wide; the 512-wide ablation head needs
     ``overrides['activation']``.
     """
@@ -103,10 +104,10 @@ def infer_text_config(sd: Mapping[str, Any], prefix: str = "",
         raise InteropError(f"{prefix}ouput_layer.0.weight has {head0} rows; expected 2560 "
                            "(Bezier head) or 512 (ablation head)")
     if "n_heads" not in overrides:
-        if dim % 64:
-            raise InteropError(f"cannot infer n_heads for dim={dim} (not a multiple of "
-                               "DistilBERT's head width 64); pass config={'n_heads': ...}")
-        cfg["n_heads"] = dim // 64
+        raise InteropError(f"{lm}transformer: the text encoder's head count cannot be read from "
+                           "the weights; give it: `convert to-flax --config <config file>` "
+                           "(model.text.n_heads), a file exported by fluxflow_jax (its metadata "
+                           "carries it) or config={'n_heads': N}")
     cfg.update(overrides)
     return _check_config(cfg)
 
@@ -126,7 +127,7 @@ def text_template(config: Mapping[str, Any]) -> dict:
     return jax.eval_shape(lambda k: model.init(k, ids), jax.random.key(0))
 
 
-def text_to_torch(variables: Mapping, config: Optional[Mapping[str, Any]] = None,
+def text_to_torch(variables: Mapping, config: Mapping[str, Any] | None = None,
                   prefix: str = "") -> dict[str, np.ndarray]:
     """Export ``{'params': ...}`` to reference keys (``prefix='text_encoder.'``: trainer file).
 
@@ -144,7 +145,7 @@ def text_to_torch(variables: Mapping, config: Optional[Mapping[str, Any]] = None
     return export_state_dict(variables, text_rule, prefix=prefix)
 
 
-def text_from_torch(sd: Mapping[str, Any], config: Optional[Mapping[str, Any]] = None,
+def text_from_torch(sd: Mapping[str, Any], config: Mapping[str, Any] | None = None,
                     prefix: str = "") -> tuple[dict, dict]:
     """Import a reference state dict -> (``{'params': jnp arrays}``, full config).
 
@@ -206,11 +207,11 @@ def load_hf_distilbert(model_dir: str | Path) -> tuple[dict, dict[str, Any]]:
     from safetensors.numpy import load_file
     try:
         raw = load_file(str(w_path))
-    except Exception as e:  # noqa: BLE001 - re-raised with the file named
+    except Exception as e:
         raise InteropError(f"could not read {w_path}: {e}") from e
     sd = {}
     for k, v in raw.items():
-        k = k[len("distilbert."):] if k.startswith("distilbert.") else k
+        k = k.removeprefix("distilbert.")
         if not k.startswith(HF_HEAD_PREFIXES):
             sd[k] = v
     model = DistilBert(**cfg)
@@ -219,3 +220,65 @@ def load_hf_distilbert(model_dir: str | Path) -> tuple[dict, dict[str, Any]]:
     params = import_state_dict(sd, template, distilbert_rule, ignore=(POSITION_IDS,),
                                what=f"HF DistilBERT weights {w_path}")
     return jax.tree.map(jnp.asarray, params["params"]), cfg
+
+
+# --------------------------------------------------------------------------- run-level loader
+
+# config.model.text keys that must equal the pretrained directory's config.json (they fix shapes
+# or, for pad_token_id, which embedding row is the padding one). Dropout rates are training
+# settings and stay the run's.
+PRETRAINED_MUST_MATCH = ("vocab_size", "dim", "n_layers", "n_heads", "hidden_dim",
+                         "max_position_embeddings", "pad_token_id")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
+
+
+def check_pretrained_config(model_dir: str | Path, text_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The directory's DistilBERT kwargs, after checking ``config.model.text`` agrees with them.
+
+    A mismatch is one line naming the key, both values and the fix.
+    """
+    hf = _read_hf_config(Path(model_dir) / "config.json")
+    for key in PRETRAINED_MUST_MATCH:
+        if key in text_cfg and int(text_cfg[key]) != int(hf[key]):
+            fix = (f"set config.tokenizer={model_dir} (the checkpoint's own tokenizer)"
+                   if key in ("vocab_size", "pad_token_id") else
+                   f"set --config.model.text.{key}={hf[key]}")
+            raise InteropError(f"config.model.text.{key}={text_cfg[key]} but "
+                               f"{Path(model_dir) / 'config.json'} has {key}={hf[key]}: {fix}")
+    return hf
+
+
+def load_pretrained_text_encoder(model_dir: str | Path, model_cfg: Mapping[str, Any],
+                                 params: Mapping[str, Any]) -> dict:
+    """``params`` of a BertTextEncoder with its DistilBERT backbone replaced by the pretrained
+    weights of a local HF directory (``config.json`` + ``model.safetensors``).
+
+    ``model_cfg`` is the run's ``config.model`` (its ``text`` section is checked against the
+    directory by :func:`check_pretrained_config`); ``params`` the encoder's current params, whose
+    ``head`` is kept (DistilBERT has no such head). The backbone is used exactly as stored: the
+    reference re-initialises every pretrained Linear with xavier after loading (REFERENCE.md
+    section 10), which discards the pretraining.
+    """
+    text_cfg = model_cfg.get("text", {})
+    check_pretrained_config(model_dir, text_cfg)
+    backbone, _ = load_hf_distilbert(model_dir)
+    if "language_model" not in params:
+        raise InteropError("load_pretrained_text_encoder: params has no 'language_model' subtree "
+                           "(pass the text encoder's params, e.g. params['text_encoder'])")
+    want = {p: np.shape(v) for p, v in traverse_util.flatten_dict(params["language_model"]).items()}
+    got = {p: np.shape(v) for p, v in traverse_util.flatten_dict(backbone).items()}
+    if want != got:
+        bad = sorted("/".join(p) for p in set(want) | set(got) if want.get(p) != got.get(p))
+        raise InteropError(f"{model_dir}: backbone does not fit config.model.text ({bad[:3]})")
+    return {**dict(params), "language_model": backbone}
+
+
+def pretrained_tokenizer_dir(model_dir: str | Path | None) -> str | None:
+    """``model_dir`` when it holds a tokenizer (HF ``save_pretrained`` files), else None.
+
+    The tokenizer a backbone was pretrained with is the one whose ids its embeddings know.
+    """
+    if not model_dir:
+        return None
+    root = Path(model_dir)
+    return str(root) if any((root / f).is_file() for f in TOKENIZER_FILES) else None

@@ -7,7 +7,8 @@ One rule per model maps a Flax variable path to a reference key (without the ``c
 Config inference follows the reference's ``_detect_config`` (REFERENCE.md 1.6): the latent width
 from ``latent_proj``, ``downscales`` from the ``encoder_z`` count, ``attn_layers`` from the
 ``in_proj_weight`` count, ``upscales`` from the ``conv1.0`` count. Attention heads leave no trace
-in the weights, so they default to 8 (the reference default) unless the caller says otherwise.
+in the weights: with attention layers they must be given (a config, our export's metadata),
+never guessed as the reference does (8).
 """
 from __future__ import annotations
 
@@ -128,34 +129,60 @@ def _activation_from(wide: int, d: int, key: str, what: str) -> str:
                        f"{d} (not 5x, so an activation ablation); pass config=... with activation")
 
 
-def infer_compressor_config(sd: Mapping[str, Any], prefix: str = "") -> Config:
-    """FluxCompressor kwargs from a reference state dict (heads cannot be inferred: 8)."""
+HEADS_HINT = ("give them: `convert to-flax --config <config file>` (model.vae_attn_heads), a file "
+              "exported by fluxflow_jax (its metadata carries them) or config={'attn_heads': N}")
+
+
+def count_downscales(sd: Mapping[str, Any], prefix: str = "") -> int:
+    """The compressor's ``downscales`` (number of ``encoder_z`` stages); 0 when it has none."""
+    return _count(_strip(sd, prefix), r"encoder_z\.(\d+)\.0\.weight")
+
+
+def infer_compressor_config(sd: Mapping[str, Any], prefix: str = "",
+                            overrides: Mapping[str, Any] | None = None) -> Config:
+    """FluxCompressor kwargs from a reference state dict's shapes, then ``overrides``.
+
+    Attention heads leave no trace in the weights (any divisor of ``d_model`` fits), so with
+    attention layers they must come from ``overrides``: guessing (the reference assumes 8) would
+    import a different model without a word.
+    """
+    overrides = dict(overrides or {})
     sd = _strip(sd, prefix)
     lat0 = _need(sd, "latent_proj.0.0.weight", prefix, "FluxCompressor")
     lat1 = _need(sd, "latent_proj.1.0.weight", prefix, "FluxCompressor")
     first = _need(sd, "encoder_first_step.0.0.weight", prefix, "FluxCompressor")
     d = int(lat1.shape[1])
-    activation = _activation_from(int(lat0.shape[0]), d, f"{prefix}latent_proj.0.0.weight",
-                                  "FluxCompressor")
+    activation = overrides.get("activation") or _activation_from(
+        int(lat0.shape[0]), d, f"{prefix}latent_proj.0.0.weight", "FluxCompressor")
     cfg: Config = dict(in_channels=int(first.shape[1]) - 2, d_model=d,
                        downscales=_count(sd, r"encoder_z\.(\d+)\.0\.weight"),
                        attn_layers=_count(sd, r"token_attn\.(\d+)\.attn\.in_proj_weight"),
-                       attn_heads=8, activation=activation)
+                       activation=activation)
     if cfg["attn_layers"]:
         ff2 = _need(sd, "token_attn.0.ff.2.weight", prefix, "FluxCompressor")
         cfg["attn_ff_mult"] = int(ff2.shape[1]) // d
+        if "attn_heads" not in overrides:
+            raise InteropError(f"{prefix or 'compressor '}token_attn: the number of attention "
+                               f"heads of a {d}-wide compressor cannot be read from the weights; "
+                               + HEADS_HINT)
+    cfg.update(overrides)
     return cfg
 
 
-def infer_expander_config(sd: Mapping[str, Any], prefix: str = "") -> Config:
-    """FluxExpander kwargs from a reference state dict."""
+def infer_expander_config(sd: Mapping[str, Any], prefix: str = "",
+                          overrides: Mapping[str, Any] | None = None) -> Config:
+    """FluxExpander kwargs from a reference state dict, then ``overrides`` (e.g. ``ctx_tokens``,
+    which the reference's pipeline sets to the compressor's ``downscales``)."""
+    overrides = dict(overrides or {})
     sd = _strip(sd, prefix)
     up = _need(sd, "upscale.layers.0.conv1.0.weight", prefix, "FluxExpander")  # [d, 5d, 16, 16]
     d = int(up.shape[0])
-    activation = _activation_from(int(up.shape[1]), d, f"{prefix}upscale.layers.0.conv1.0.weight",
-                                  "FluxExpander")
-    return dict(d_model=d, upscales=_count(sd, r"upscale\.layers\.(\d+)\.conv1\.0\.weight"),
-                activation=activation)
+    activation = overrides.get("activation") or _activation_from(
+        int(up.shape[1]), d, f"{prefix}upscale.layers.0.conv1.0.weight", "FluxExpander")
+    cfg = dict(d_model=d, upscales=_count(sd, r"upscale\.layers\.(\d+)\.conv1\.0\.weight"),
+               activation=activation)
+    cfg.update(overrides)
+    return cfg
 
 
 def config_from_reference_kwargs(kwargs: Mapping[str, Any]) -> Config:
@@ -252,7 +279,7 @@ def compressor_from_torch(sd: Mapping[str, np.ndarray], config: Mapping[str, Any
                           prefix: str = "") -> tuple[dict, Config]:
     """Reference ``compressor.*`` state dict -> ``(variables, config)``.
 
-    ``config=None`` infers it (heads default to 8). Every missing, unexpected or mis-shaped key
+    ``config=None`` infers it (refused when heads would have to be guessed). Every missing, unexpected or mis-shaped key
     is reported in one ``InteropError``.
     """
     return _from_torch(sd, config, infer_compressor_config, compressor_template, compressor_rule,

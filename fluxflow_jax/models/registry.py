@@ -6,8 +6,13 @@ benchmarks build identical models. Keys (``configs/``, ``config_defaults.model_c
 flow_heads, text_embedding_dim, max_hw, activation, remat, dtype ('float32' | 'bfloat16': the
 compute dtype; parameters stay float32), disc: {base_ch, depth}, text: {vocab_size, dim, n_layers,
 n_heads, hidden_dim, max_position_embeddings, dropout, pooling, freeze_backbone}`` plus the
-optional ``ctx_tokens`` (default 4, the reference's), ``text.attention_dropout`` (default: the
-``dropout`` value), ``text.pad_token_id`` and ``text.pretrained_dir`` (read by the loader).
+optional ``text.attention_dropout`` (default: the ``dropout`` value), ``text.pad_token_id`` and
+``text.pretrained_dir`` (read by ``interop.text.load_pretrained_text_encoder``).
+
+The flow model's and the expander's ``ctx_tokens`` are not a free setting: the reference's
+``FluxPipeline`` overwrites both with the compressor's ``downscales`` (fixture ``parity/pipeline``),
+so a checkpoint only means the same model here if we do the same. An explicit ``ctx_tokens`` key
+is accepted only when it equals ``downscales``.
 """
 from __future__ import annotations
 
@@ -75,6 +80,16 @@ def compute_dtype(model_cfg: Mapping[str, Any]) -> Any:
     return DTYPES[name]
 
 
+def pipeline_ctx_tokens(model_cfg: Mapping[str, Any]) -> int:
+    """``ctx_tokens`` of the flow model and expander: ``downscales``, as the reference ties it."""
+    downscales = int(_get(model_cfg, "downscales"))
+    if "ctx_tokens" in model_cfg and int(model_cfg["ctx_tokens"]) != downscales:
+        raise ValueError(f"config.model.ctx_tokens={model_cfg['ctx_tokens']} but downscales="
+                         f"{downscales}: the reference's pipeline ties ctx_tokens to downscales; "
+                         "remove config.model.ctx_tokens")
+    return downscales
+
+
 def build_models(model_cfg: Mapping[str, Any], needed: set[str]) -> ModelSet:
     """Construct the modules in ``needed`` (a subset of ``MODEL_NAMES``) from ``model_cfg``."""
     bad = sorted(set(needed) - set(MODEL_NAMES))
@@ -85,7 +100,7 @@ def build_models(model_cfg: Mapping[str, Any], needed: set[str]) -> ModelSet:
     act = model_cfg.get("activation", "bezier")
     remat = bool(model_cfg.get("remat", False))
     max_hw = int(model_cfg.get("max_hw", 1024))
-    ctx_tokens = int(model_cfg.get("ctx_tokens", 4))
+    ctx_tokens = pipeline_ctx_tokens(model_cfg)
     vae_dim = int(_get(model_cfg, "vae_dim"))
     out: dict[str, nn.Module] = {}
     if "compressor" in needed:

@@ -10,9 +10,11 @@ Initialisation from scratch is the reference's: embeddings N(0, 0.02) with the p
 zero (HF ``init_weights``), every Linear xavier-uniform with zero bias (the reference's
 ``apply(xavier_init)``), LayerNorms ones/zeros.
 
-Pretrained weights: :func:`load_hf_distilbert` reads a local HF DistilBERT directory. The
-reference re-initialises all pretrained Linears with xavier after loading (REFERENCE §10 item 12),
-which throws the pretraining away; we do **not** do that - loaded weights stay as loaded.
+Pretrained weights: ``fluxflow_jax.interop.text`` reads a local HF DistilBERT directory into
+these modules (the key map lives with the other checkpoint maps, so this module imports nothing
+from ``interop`` and models stay importable alone). The reference re-initialises all pretrained
+Linears with xavier after loading (REFERENCE §10 item 12), which throws the pretraining away; the
+loader does **not** do that - loaded weights stay as loaded.
 
 Freezing: ``freeze_backbone=True`` stops gradients at the DistilBERT output, so its gradients
 are exactly zero. An optimizer with weight decay would still move zero-gradient weights, so
@@ -21,7 +23,7 @@ training code must also mask the ``language_model`` subtree out of the optimizer
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -265,13 +267,3 @@ def pool_tokens(h: jax.Array, attention_mask: Optional[jax.Array], pooling: str)
     m = (attention_mask != 0).astype(h.dtype)[..., None]
     return jnp.sum(h * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
 
-
-def load_hf_distilbert(model_dir: str) -> tuple[dict, dict[str, Any]]:
-    """Read a local HF DistilBERT PyTorch checkpoint -> (backbone params, DistilBert kwargs).
-
-    See :func:`fluxflow_jax.interop.text.load_hf_distilbert` (the key map lives with the
-    interop code); the loaded weights are used as they are (no xavier re-init, unlike the
-    reference).
-    """
-    from fluxflow_jax.interop.text import load_hf_distilbert as _load
-    return _load(model_dir)
