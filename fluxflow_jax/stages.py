@@ -18,8 +18,9 @@ import jax
 import ml_collections as mlc
 
 from fluxflow_jax import config_defaults as cd
-from fluxflow_jax import losses, metrics, optim, schedules, steps
+from fluxflow_jax import interop, losses, metrics, optim, schedules, steps
 from fluxflow_jax.data import validate_dataset_config
+from fluxflow_jax.models import registry
 from fluxflow_jax.models.bezier import ACTIVATIONS
 from fluxflow_jax.state import MODEL_NAMES, OPT_GROUPS, STEP_KINDS, group_of
 
@@ -177,6 +178,13 @@ def _validate_model(m: Mapping) -> list[str]:
         errs.append(f"model.dtype: {m.dtype!r} not in ('float32', 'bfloat16')")
     if m.text.pretrained_dir and not Path(m.text.pretrained_dir).is_dir():
         errs.append(f"model.text.pretrained_dir: {m.text.pretrained_dir!r} is not a directory")
+    elif m.text.pretrained_dir:
+        text = {k: v for k, v in m.text.items() if not (k == "vocab_size" and not v)}
+        try:  # its config.json must agree with config.model.text (vocab filled from the tokenizer)
+            interop.check_pretrained_config(m.text.pretrained_dir, text)
+        except (interop.InteropError, FileNotFoundError, ValueError) as e:
+            errs.append(f"model.text.pretrained_dir: {e}")
+    errs += registry.model_key_errors(m)
     if m.text.pooling not in ("mean", "masked_mean"):
         errs.append(f"model.text.pooling: {m.text.pooling!r} not in ('mean', 'masked_mean')")
     return errs

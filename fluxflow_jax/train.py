@@ -23,7 +23,8 @@ import jax
 import ml_collections as mlc
 import numpy as np
 
-from fluxflow_jax import cached, optim, plots, sampling, schedules, sharding, stages, weights
+from fluxflow_jax import cached, interop, optim, plots, sampling, schedules, sharding, stages
+from fluxflow_jax import weights
 from fluxflow_jax import checkpoint as ckpt_lib
 from fluxflow_jax import controls as controls_lib
 from fluxflow_jax import data as data_lib
@@ -108,7 +109,10 @@ def build_stage(config: Mapping, name: str, *, with_data: bool = True) -> Stage:
     """Modules, tokenizer, mesh, data loader and durations of stage ``name``."""
     s = config.stages[name]
     index = list(config.stage_order).index(name)
-    tokenizer = data_lib.load_tokenizer(config.tokenizer or None)
+    # A pretrained backbone's own tokenizer (its embeddings know those ids) over the default one.
+    own = interop.pretrained_tokenizer_dir(config.model.text.pretrained_dir)
+    tok = own if own and config.tokenizer in ("", "demo") else config.tokenizer
+    tokenizer = data_lib.load_tokenizer(tok or None)
     model_cfg = stage_model_config(config, tokenizer)
     models = registry.build_models(model_cfg, stages.needed_models(s))
     mesh = sharding.make_mesh(tuple(tuple(a) for a in config.mesh))
@@ -231,7 +235,7 @@ def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | N
     workdir = Path(workdir)
     st = build_stage(config, name)
     params, spectral, carried = weights.initial_variables(config, st.models, st.rng, name,
-                                                          prev_params)
+                                                          prev_params, st.model_cfg)
     if st.cfg.latent_cache:
         st = with_cached_data(config, st, params, workdir)
     state, txs = create_state(st, params, spectral)

@@ -42,7 +42,8 @@ class WeightsError(ValueError):
 
 
 def initial_variables(config: Mapping, models: registry.ModelSet, rng: jax.Array, stage: str,
-                      prev_params: Path | None) -> tuple[dict, dict, dict]:
+                      prev_params: Path | None, model_cfg: Mapping | None = None
+                      ) -> tuple[dict, dict, dict]:
     """``(params, spectral, carried)``: the stage's models' params and D's spectral stats, plus
     params of models this stage does not use (carried through to its outputs unchanged)."""
     sources: dict[str, tuple[dict, dict]] = {}
@@ -61,8 +62,10 @@ def initial_variables(config: Mapping, models: registry.ModelSet, rng: jax.Array
     needed = set(models.names())
     missing = needed - set(sources)
     if missing and config.init_from:
-        got = interop.load_any(config.init_from)
+        got = interop.load_any(config.init_from, model_cfg=model_cfg)
         for k in missing & set(got):
+            interop.check_loaded_config(k, got[k][1], module_config(getattr(models, k)),
+                                        config.init_from)
             sources[k] = got[k]
         print(f"[{stage}] initialised {sorted(missing & set(got))} from {config.init_from}",
               flush=True)
@@ -88,6 +91,13 @@ def initial_variables(config: Mapping, models: registry.ModelSet, rng: jax.Array
             params[n] = fresh[n]
             if n == "discriminator":
                 spectral = fresh_spectral
+    pdir = model_cfg.text.pretrained_dir if model_cfg is not None and "text" in model_cfg else ""
+    if pdir and "text_encoder" in params and "text_encoder" not in sources:
+        # a new text encoder starts from the pretrained backbone (kept as loaded, not re-initialised
+        # as the reference does); trained weights of an earlier stage or init_from win
+        params["text_encoder"] = jax.tree.map(jnp.asarray, interop.load_pretrained_text_encoder(
+            pdir, model_cfg, jax.device_get(params["text_encoder"])))
+        print(f"[{stage}] text encoder backbone from {pdir}", flush=True)
     for n, (variables, cfg) in sources.items():
         if n not in params:
             carried[n] = (variables, cfg)

@@ -24,6 +24,7 @@ from safetensors.numpy import load_file, save_file
 
 from fluxflow_jax.interop.common import InteropError, count_params  # noqa: F401
 from fluxflow_jax.interop.text import (  # noqa: F401  (the run-level entry points)
+    check_pretrained_config,
     load_pretrained_text_encoder,
     pretrained_tokenizer_dir,
 )

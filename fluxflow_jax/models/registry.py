@@ -73,6 +73,18 @@ def _check_keys(cfg: Mapping[str, Any], known: set, prefix: str) -> None:
         raise KeyError(f"config.{prefix}: unknown key(s) {unknown}; known: {sorted(known)}")
 
 
+def model_key_errors(model_cfg: Mapping[str, Any]) -> list[str]:
+    """Unknown keys of ``config.model`` (and its ``disc`` / ``text`` sections), one line each -
+    what ``build_models`` would refuse, found before training (``--validate``)."""
+    errs = []
+    for prefix, cfg, known in (("model", model_cfg, _TOP_KEYS),
+                               ("model.disc", model_cfg.get("disc", {}), _DISC_KEYS),
+                               ("model.text", model_cfg.get("text", {}), _TEXT_KEYS)):
+        errs += [f"{prefix}.{k}: unknown key (known: {sorted(known)})"
+                 for k in sorted(set(cfg.keys()) - known)]
+    return errs
+
+
 def compute_dtype(model_cfg: Mapping[str, Any]) -> Any:
     name = model_cfg.get("dtype", "float32")
     if name not in DTYPES:

@@ -42,7 +42,8 @@ def load_lpips_params(cfg: Mapping[str, Any], lpips_params: dict | None) -> dict
     if not paths:
         raise ValueError("config.loss.lpips_weights is empty but the stage uses LPIPS: name the "
                          "local safetensors file(s) with the VGG16 and LPIPS head weights "
-                         "(see fluxflow_jax/lpips.py)")
+                         "(make it with: python -m fluxflow_jax.convert lpips --vgg vgg16-397923af.pth "
+                         "--lin vgg.pth --out lpips.safetensors)")
     return load_lpips_weights(paths)
 
 
