@@ -182,7 +182,10 @@ def _validate_model(m: Mapping) -> list[str]:
         text = {k: v for k, v in m.text.items() if not (k == "vocab_size" and not v)}
         try:  # its config.json must agree with config.model.text (vocab filled from the tokenizer)
             interop.check_pretrained_config(m.text.pretrained_dir, text)
-        except (interop.InteropError, FileNotFoundError, ValueError) as e:
+        except FileNotFoundError as e:
+            errs.append(f"model.text.pretrained_dir: {e.filename} is missing (a local Hugging "
+                        "Face DistilBERT folder holds config.json and model.safetensors)")
+        except (interop.InteropError, ValueError) as e:
             errs.append(f"model.text.pretrained_dir: {e}")
     errs += registry.model_key_errors(m)
     if m.text.pooling not in ("mean", "masked_mean"):
