@@ -253,8 +253,10 @@ def export_reference(out_dir: PathLike, models: Mapping[str, tuple[Mapping, Mapp
         # Our configs ride along as metadata (the reference ignores it): some settings, e.g. the
         # text encoder's head count, cannot be inferred from tensor shapes.
         cfgs = {n: dict(c) for n, (_, c) in models.items() if COMPONENTS[n][0] == fname}
-        save_file(sd, str(tmp), metadata={"format": "pt", CONFIG_META: json.dumps(
-            cfgs, default=_json_default)})
+        # One metadata key only: safetensors writes its metadata map in a per-process random
+        # order, so two keys would make identical exports differ byte for byte.
+        save_file(sd, str(tmp), metadata={CONFIG_META: json.dumps(
+            cfgs, default=_json_default, sort_keys=True)})
         tmp.replace(out_dir / fname)  # atomic: a crash never leaves half a file
         written.append(out_dir / fname)
     return written
@@ -270,8 +272,9 @@ def save_flax_params(path: PathLike, models: Mapping[str, tuple[Mapping, Mapping
             arrays[f"{name}/{k}"] = np.ascontiguousarray(np.asarray(v))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(arrays, str(tmp), metadata={"format": FLAX_FORMAT,
-                                          "configs": json.dumps(configs, default=_json_default)})
+    # One metadata key (its name marks the format): see export_reference on byte-identical files.
+    save_file(arrays, str(tmp), metadata={FLAX_FORMAT: json.dumps(
+        configs, default=_json_default, sort_keys=True)})
     tmp.replace(path)
     return path
 
@@ -284,16 +287,21 @@ def load_flax_params(path: PathLike) -> dict[str, tuple[dict, dict]]:
         raise FileNotFoundError(f"param file not found: {path}")
     with safe_open(str(path), "np") as f:
         meta = f.metadata() or {}
-    if meta.get("format") != FLAX_FORMAT:
+    if not _is_flax_meta(meta):
         raise InteropError(f"{path}: not a fluxflow_jax param file (format={meta.get('format')!r}); "
                            "for a PyTorch reference checkpoint use load_reference()")
-    configs = json.loads(meta["configs"])
+    configs = json.loads(meta[FLAX_FORMAT] if FLAX_FORMAT in meta else meta["configs"])
     flat = load_file(str(path))
     out = {}
     for name, cfg in configs.items():
         sub = {k[len(name) + 1:]: v for k, v in flat.items() if k.startswith(name + "/")}
         out[name] = (traverse_util.unflatten_dict(sub, sep="/"), cfg)
     return out
+
+
+def _is_flax_meta(meta: Mapping[str, str]) -> bool:
+    """Our param file: the FLAX_FORMAT key (or, before v0.2, ``format == FLAX_FORMAT``)."""
+    return FLAX_FORMAT in meta or meta.get("format") == FLAX_FORMAT
 
 
 def is_flax_param_file(path: PathLike) -> bool:
@@ -303,7 +311,7 @@ def is_flax_param_file(path: PathLike) -> bool:
         return False
     try:
         with safe_open(str(path), "np") as f:
-            return (f.metadata() or {}).get("format") == FLAX_FORMAT
+            return _is_flax_meta(f.metadata() or {})
     except Exception:
         return False
 

@@ -58,7 +58,7 @@ def convert_lpips(vgg: PathLike, lin: PathLike, out: PathLike) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "source": f"{Path(vgg).name} + "
+    save_file(tensors, str(tmp), metadata={"source": f"{Path(vgg).name} + "
                                            f"{Path(lin).name}"})
     try:
         load_lpips_weights(str(tmp))  # shapes checked by the loader the training step uses
