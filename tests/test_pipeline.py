@@ -47,8 +47,8 @@ def _run(workdir, *extra, config=DEMO, timeout=900):
     return p
 
 
-def _start(workdir, *extra, log=None):
-    return subprocess.Popen(_main_cmd(workdir, *extra), cwd=ROOT, env=_env(),
+def _start(workdir, *extra, log=None, config=DEMO):
+    return subprocess.Popen(_main_cmd(workdir, *extra, config=config), cwd=ROOT, env=_env(),
                             stdout=log, stderr=subprocess.STDOUT, text=True)
 
 
