@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fluxflow_jax import data as data_lib
-from fluxflow_jax import grids, losses, sharding
+from fluxflow_jax import grids, losses, pipeline, sharding
 from fluxflow_jax.models.registry import ModelSet
 
 SAMPLERS = ("euler", "heun", "vpred")
@@ -353,3 +353,28 @@ def fixed_images(ds_cfg: Mapping, n: int, seed: int, *, tokenizer: Any, max_leng
         if close:
             close()
     return np.asarray(batch["image"], np.float32)
+
+
+def stage_sample_maker(config: Mapping, stage: str, models: ModelSet, tokenizer: Any,
+                       workdir: str | Path, *, mesh: jax.sharding.Mesh | None = None
+                       ) -> SampleMaker:
+    """The SampleMaker of pipeline stage ``stage`` from the run config: reconstructions of
+    ``config.samples.num_images`` fixed images when the stage trains the VAE, generations of
+    ``sample_prompts`` (sampler matching ``loss.objective``, ``sample_steps``,
+    ``guidance_scale``, ``loss.cfg_null``) when it trains the flow model; grids in ``W/samples``."""
+    s = config["stages"][stage]
+    kinds = pipeline.step_kinds(s)
+    ds_name = pipeline.dataset_name(config, s)
+    smp = config["samples"]
+    images = fixed_images(config["datasets"][ds_name], int(smp["num_images"]), int(smp["seed"]),
+                          tokenizer=tokenizer, max_length=int(config["max_length"]),
+                          name=f"datasets.{ds_name}")
+    prompts = list(s["sample_prompts"]) if "flow" in kinds else []
+    settings = SampleSettings(sampler_for_objective(s["loss"]["objective"]),
+                              int(s["sample_steps"]), float(s["guidance_scale"]))
+    return SampleMaker(models, Path(workdir) / "samples", stage, tokenizer=tokenizer,
+                       max_length=int(config["max_length"]),
+                       images=images if "vae" in kinds else None, prompts=prompts,
+                       settings=settings, image_hw=tuple(images.shape[1:3]),
+                       seed=int(smp["seed"]), null=s["loss"]["cfg_null"], mesh=mesh,
+                       rng_impl=config["rng_impl"])
