@@ -8,8 +8,8 @@ the held-out set is the same generator under another seed (``generator_seed + HE
 no training image is ever evaluated; on other datasets it is a fixed batch of the configured data
 (the JSON says ``held_out: false``).
 
-* Reconstructions (compressor + expander, posterior mean, SPADE on): PSNR, SSIM (dm-pix, on the
-  [-1, 1] images with data range 2 = the [0, 1] convention), LPIPS when weights are configured.
+* Reconstructions (compressor + expander, posterior mean, SPADE on): PSNR and SSIM (dm-pix, on
+  the images mapped to [0, 1], the usual convention), LPIPS when weights are configured.
   A PSNR is reported beside two baselines a useless model already reaches: the **mean image** of
   the set for every image, and on shapes data the **background only** (each scene rendered
   without its objects) - grey backgrounds dominate these images, so 16-20 dB means nothing.
@@ -70,6 +70,8 @@ def psnr(a: jax.Array, b: jax.Array) -> jax.Array:
 def ssim(a: jax.Array, b: jax.Array, *, window: int = 11, sigma: float = 1.5) -> jax.Array:
     """Per-image SSIM (Wang et al. 2004) of NHWC images in [-1, 1] -> ``[N]``.
 
+    Computed on the images mapped to [0, 1] with data range 1, the usual convention (SSIM's
+    luminance term is not shift invariant, so [-1, 1] with range 2 would give other values).
     Gaussian window 11 / sigma 1.5, K1 = 0.01, K2 = 0.03, valid region, mean over channels and
     positions (dm-pix / tf.image.ssim). Images smaller than the window use a window as large as
     the smaller side (made odd), so 8-16 px test images still get a score.
@@ -77,7 +79,8 @@ def ssim(a: jax.Array, b: jax.Array, *, window: int = 11, sigma: float = 1.5) ->
     a, b = _check_pair(a, b, "ssim")
     size = min(window, a.shape[1], a.shape[2])
     size = size if size % 2 == 1 else size - 1
-    return dm_pix.ssim(a, b, max_val=DATA_RANGE, filter_size=size, filter_sigma=sigma)
+    return dm_pix.ssim((a + 1.0) / DATA_RANGE, (b + 1.0) / DATA_RANGE, max_val=1.0,
+                       filter_size=size, filter_sigma=sigma)
 
 
 def mean_image_baseline(images: np.ndarray) -> float:
@@ -295,6 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--lpips_weights", help="LPIPS safetensors file(s), comma-separated")
     ap.add_argument("--json", help="output JSON (default W/eval/<stage>.json)")
     args = ap.parse_args(argv)
+    loading.enable_compilation_cache()
     try:
         if args.num < 1:
             raise loading.UserError(f"--num must be >= 1, got {args.num}")

@@ -38,6 +38,7 @@ from fluxflow_jax import evaluate, grids, interop, loading, sampling
 from fluxflow_jax.loading import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 NEEDED = {"generate": {"text_encoder", "flow", "expander"},
           "reconstruct": {"compressor", "expander"}, "encode": {"compressor"},
           "decode": {"expander"}}
@@ -129,7 +130,7 @@ def run_generate(loaded: loading.Loaded, args: argparse.Namespace) -> dict:
     null = loss.get("cfg_null", "zeros")
     if args.num < 1:
         raise UserError(f"--num must be >= 1, got {args.num}")
-    rng_impl = (loaded.run_config or {}).get("rng_impl")
+    rng_impl = args.rng_impl or (loaded.run_config or {}).get("rng_impl") or "threefry2x32"
     gen = sampling.Generator(loaded.models, tok, max_length=loading.max_length(loaded,
                              args.max_length), image_hw=image_hw, settings=settings, null=null,
                              negative=args.negative, rng_impl=rng_impl)
@@ -252,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sampler", choices=sampling.SAMPLERS)
     ap.add_argument("--size", help="WxH, multiples of 16")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rng_impl", choices=RNG_IMPLS,
+                    help="PRNG of the noise (default: the run's, else threefry2x32)")
     ap.add_argument("--num", type=int, default=1, help="images per prompt")
     ap.add_argument("--images", help="input image folder (reconstruct, encode)")
     ap.add_argument("--latents", help="latent file .npz|.safetensors (encode, decode)")
@@ -261,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    loading.enable_compilation_cache()
     try:
         if args.mode in ("generate", "reconstruct", "decode"):
             _need(args.out, "--out")
