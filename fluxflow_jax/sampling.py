@@ -248,7 +248,8 @@ def pad_rows(n: int, mesh: jax.sharding.Mesh) -> int:
 
 class Generator:
     """Text -> images with one compiled sampling loop per (batch, size, settings), batch on the
-    mesh's data axes, params replicated. ``__call__(params, prompts, seed, first_index)``."""
+    mesh's data axes (default: this host's devices), params replicated.
+    ``__call__(params, prompts, seed, first_index)``."""
 
     def __init__(self, models: ModelSet, tokenizer: Any, *, max_length: int,
                  image_hw: tuple[int, int], settings: SampleSettings, null: str = "zeros",
@@ -258,7 +259,10 @@ class Generator:
             raise ValueError(f"null must be one of {NULL_MODES}, got {null!r}")
         self.models, self.tokenizer, self.max_length = models, tokenizer, int(max_length)
         self.settings, self.rng_impl = settings, rng_impl
-        self.mesh = mesh if mesh is not None else sharding.make_mesh()
+        # Default: this host's devices, so process 0 alone can sample during multi-host training.
+        self.mesh = (mesh if mesh is not None
+                     else sharding.make_mesh(devices=jax.local_devices()))
+        self._local = all(d.process_index == jax.process_index() for d in self.mesh.devices.flat)
         uncond = negative if negative is not None else ("" if null == "empty_prompt" else None)
         self.null_ids = (None if uncond is None else
                          tuple(jnp.asarray(a) for a in self._tokenize([uncond])))
@@ -280,7 +284,11 @@ class Generator:
         pad = pad_rows(n, self.mesh)
         ids, mask = self._tokenize(list(prompts) + [""] * pad)
         idx = np.arange(first_index, first_index + n + pad, dtype=np.int32)
-        batch = sharding.put_batch({"ids": ids, "mask": mask, "idx": idx}, self.mesh)
+        rows = {"ids": ids, "mask": mask, "idx": idx}
+        if self._local:  # a host-local mesh: plain placement, rows split over its devices
+            batch = jax.device_put(rows, sharding.batch_sharding(self.mesh))
+        else:  # a global mesh: every process calls with its own rows
+            batch = sharding.put_batch(rows, self.mesh)
         rep = sharding.replicated(self.mesh)
         p = jax.device_put({k: params[k] for k in ("text_encoder", "flow", "expander")}, rep)
         base = jax.random.key(int(seed), impl=self.rng_impl)

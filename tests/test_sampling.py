@@ -232,3 +232,38 @@ def test_wrap_caption_breaks_at_word_boundaries():
     assert grids.wrap_caption("supercalifragilistic word", 8) == ["superca~", "word"]
     lines = grids.wrap_caption("one two three four five six", 5, max_lines=2)
     assert lines == ["one", "tw..."]  # the ellipsis fits in the width
+
+
+_MESH_SCRIPT = r"""
+import jax, numpy as np
+from fluxflow_jax import data as data_lib, sampling, sharding
+from fluxflow_jax.models import registry
+assert len(jax.devices()) == 8
+tok = data_lib.load_tokenizer("demo")
+mcfg = dict(vae_dim=5, downscales=1, upscales=1, vae_attn_layers=1, vae_attn_heads=1,
+            flow_dim=8, flow_layers=1, flow_heads=2, text_embedding_dim=8,
+            text=dict(vocab_size=len(tok), dim=8, n_layers=1, n_heads=2, hidden_dim=16,
+                      max_position_embeddings=16, dropout=0.0, pooling="masked_mean"))
+models = registry.build_models(mcfg, {"expander", "flow", "text_encoder"})
+params, _ = registry.init_params(models, jax.random.key(0), image_hw=(16, 16), text_len=8)
+s = sampling.SampleSettings("euler", 2, 2.0)
+prompts = ["a red circle", "a blue square", "a green triangle"]
+outs = []
+for mesh in (sharding.make_mesh(), sharding.make_mesh(devices=jax.devices()[:1])):
+    g = sampling.Generator(models, tok, max_length=8, image_hw=(16, 16), settings=s, mesh=mesh)
+    outs.append(g(params, prompts, seed=2))
+assert outs[0].shape == (3, 16, 16, 3), outs[0].shape
+np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
+print("MESH_OK", sharding.data_size(sharding.make_mesh()))
+"""
+
+
+def test_generator_splits_the_batch_over_the_data_mesh():
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert p.returncode == 0 and "MESH_OK 8" in p.stdout, p.stderr[-3000:]
