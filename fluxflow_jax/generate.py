@@ -214,14 +214,15 @@ def run_decode(loaded: loading.Loaded, args: argparse.Namespace) -> list[Path]:
     exp = loaded.models.expander
     lat = load_latents(_need(args.latents, "--latents"))
     out = Path(_need(args.out, "--out"))
+    fn = jax.jit(lambda p, x, hw: exp.apply({"params": p}, x, use_context=True, hw=hw),
+                 static_argnums=2)
     written = []
     for name, packed in lat.items():
         if packed.ndim != 2 or packed.shape[1] != exp.d_model:
             raise UserError(f"--latents: {name!r} has shape {packed.shape}, expected "
                             f"[tokens, {exp.d_model}] for this expander")
         hw = tuple(int(v) for v in np.maximum(np.round(packed[-1, :2] * exp.max_hw), 1))
-        img = exp.apply({"params": loaded.params["expander"]}, packed[None], use_context=True,
-                        hw=hw)
+        img = fn(loaded.params["expander"], packed[None], hw)
         written.append(_save_image(np.asarray(img)[0], out / f"{Path(name).stem}.png"))
     print(f"wrote {len(written)} images to {out}")
     return written

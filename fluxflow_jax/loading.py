@@ -106,6 +106,12 @@ def _check_needed(found: Mapping, needed: set[str], where: str, flag: str) -> No
                         "pass weights of a stage or checkpoint that trained them")
 
 
+def _param_file_models(path: Path) -> set[str]:
+    """Model names a param file of ours holds (from its metadata; no tensor is read)."""
+    with safe_open(str(path), "np") as h:
+        return set(json.loads((h.metadata() or {}).get("configs", "{}")))
+
+
 def _pick_stage(workdir: Path, config: Mapping, needed: set[str], stage: str | None) -> str:
     finished = pipeline.read_pipeline_state(workdir).get("finished", [])
     order = list(config["stage_order"])
@@ -119,9 +125,8 @@ def _pick_stage(workdir: Path, config: Mapping, needed: set[str], stage: str | N
         return stage
     for name in reversed(order):
         p = pipeline.stage_params_path(workdir, name)
-        if name in finished and p.is_file():
-            if needed <= set(interop.load_flax_params(p)):
-                return name
+        if name in finished and p.is_file() and needed <= _param_file_models(p):
+            return name
     raise UserError(f"--workdir {workdir}: no finished stage has weights for {sorted(needed)} "
                     f"(finished: {finished}); train further or pass --stage")
 
