@@ -267,3 +267,20 @@ def test_generator_splits_the_batch_over_the_data_mesh():
     p = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], env=env, capture_output=True,
                        text=True, timeout=900)
     assert p.returncode == 0 and "MESH_OK 8" in p.stdout, p.stderr[-3000:]
+
+
+def test_make_evaluator_from_the_run_config(tiny):
+    """The training loop's entry: held-out metrics of a stage as one flat dict."""
+    from fluxflow_jax import evaluate
+
+    config, tok, models, params = tiny
+    ev, facts = evaluate.make_evaluator(config, models, tok, config.stages.flow, num=4)
+    assert facts == {"dataset": "shapes", "held_out": True, "num": 4}
+    m = ev(params)
+    assert set(m) == {f"eval/{k}" for k in (
+        "psnr", "ssim", "psnr_mean_image", "psnr_background", "color_score", "relation_score",
+        "color_score_data", "relation_score_data")}
+    assert ev.gen.settings == SampleSettings("euler", int(config.stages.flow.sample_steps),
+                                             float(config.stages.flow.guidance_scale))
+    assert ev.last_images["generated"].shape == (4, 16, 16, 3)
+    assert m["eval/color_score_data"] == 1.0 and 0.0 <= m["eval/color_score"] <= 1.0
