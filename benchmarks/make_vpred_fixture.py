@@ -32,7 +32,7 @@ from safetensors.numpy import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _torch_worker import install_reference  # noqa: E402
+from _torch_worker import install_reference
 
 CASES = ((1.0, 3), (2.5, 4))  # (guidance, steps)
 BATCH, GRID = 2, (4, 4)

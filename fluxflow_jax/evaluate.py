@@ -181,7 +181,7 @@ class Evaluator:
     def __init__(self, models: ModelSet, *, images: np.ndarray,
                  scenes: Sequence[shapes.ShapeScene] | None = None, tokenizer: Any = None,
                  max_length: int = 128,
-                 settings: sampling.SampleSettings = sampling.SampleSettings(),
+                 settings: sampling.SampleSettings = sampling.DEFAULT_SETTINGS,
                  null: str = "zeros", seed: int = 0, lpips_params: Mapping | None = None,
                  mesh: jax.sharding.Mesh | None = None, rng_impl: str | None = None,
                  prefix: str = "eval/"):
@@ -241,7 +241,8 @@ def make_evaluator(config: Mapping, models: ModelSet, tokenizer: Any, stage_cfg:
                    settings: sampling.SampleSettings | None = None,
                    lpips_weights: str | None = None) -> tuple[Evaluator, dict]:
     """An Evaluator on the held-out split of the stage's dataset; also returns facts about it
-    (``held_out``, ``dataset``, ``num``) for reports. Non-shapes data: a fixed batch, not held out."""
+    (``held_out``, ``dataset``, ``num``) for reports. Non-shapes data: a fixed batch, not held
+    out."""
     name = stage_cfg.get("dataset") or config["default_dataset"]
     ds = resolve_dataset_config(config["datasets"][name], f"datasets.{name}")
     max_length = int(config["max_length"])
@@ -272,7 +273,7 @@ BASELINES = {"psnr": ("psnr_mean_image", "psnr_background")}
 
 def format_table(metrics: Mapping[str, float], prefix: str = "eval/") -> str:
     """Metric | value | baselines, one row per metric (baselines beside PSNR)."""
-    m = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in metrics.items()}
+    m = {k.removeprefix(prefix): v for k, v in metrics.items()}
     shown = {b for bs in BASELINES.values() for b in bs}
     rows = [("metric", "value", "baselines")]
     for k, v in m.items():

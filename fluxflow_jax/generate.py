@@ -158,7 +158,7 @@ def run_reconstruct(loaded: loading.Loaded, args: argparse.Namespace) -> dict[st
     out = Path(_need(args.out, "--out"))
     fn = jax.jit(lambda p, x: sampling.reconstruct(loaded.models, p, x))
     scores: dict[str, float] = {}
-    for _, idx in _by_size(items).items():
+    for idx in _by_size(items).values():
         x = np.stack([items[i][1] for i in idx])
         y = np.asarray(fn(loaded.params, x))
         for j, i in enumerate(idx):
@@ -202,7 +202,7 @@ def run_encode(loaded: loading.Loaded, args: argparse.Namespace) -> dict[str, np
     items = read_images(_need(args.images, "--images"), max(16, 2 ** comp.downscales))
     fn = jax.jit(lambda p, x: comp.apply({"params": p}, x, sample=False)[0])
     lat = {}
-    for _, idx in _by_size(items).items():
+    for idx in _by_size(items).values():
         y = np.asarray(fn(loaded.params["compressor"], np.stack([items[i][1] for i in idx])))
         lat.update({items[i][0]: y[j] for j, i in enumerate(idx)})
     p = save_latents(_need(args.latents, "--latents"), lat)

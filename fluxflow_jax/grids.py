@@ -2,8 +2,8 @@
 
 The models work on images in [-1, 1]. The reference saves samples without mapping them to [0, 1]
 (REFERENCE.md section 10, item 15), so every negative value is clipped to black; here the mapping
-is explicit: ``u8 = floor((x + 1) * 127.5 + 0.5)`` after clipping to [-1, 1], i.e. -1 -> 0, 0 -> 128,
-1 -> 255.
+is explicit: ``u8 = floor((x + 1) * 127.5 + 0.5)`` after clipping to [-1, 1], i.e. -1 -> 0,
+0 -> 128, 1 -> 255.
 
 Training images are often 16-32 px: a grid of such tiles is unreadable, so ``save_grid`` can
 upscale tiles (nearest neighbour, whole factors, so pixels stay pixels) to at least ``min_tile``

@@ -191,7 +191,8 @@ def load(*, workdir: str | Path | None = None, stage: str | None = None,
 
 def load_tokenizer(loaded: Loaded, flag_value: str | None) -> Any:
     """The run's tokenizer (``config.json`` ``tokenizer``; 'demo' = embedded), else the
-    ``--tokenizer`` value, else the demo tokenizer; checked against the text encoder's vocabulary."""
+    ``--tokenizer`` value, else the demo tokenizer; checked against the text encoder's
+    vocabulary."""
     value = flag_value or (loaded.run_config or {}).get("tokenizer") or "demo"
     try:
         tok = data_lib.load_tokenizer(value)

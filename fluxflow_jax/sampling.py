@@ -59,6 +59,9 @@ class SampleSettings:
             raise ValueError(f"guidance scale must be >= 0, got {self.guidance}")
 
 
+DEFAULT_SETTINGS = SampleSettings()
+
+
 def sampler_for_objective(objective: str) -> str:
     """The sampler that matches a training objective (``loss.objective``)."""
     return "vpred" if objective == "v_prediction" else "euler"
@@ -304,7 +307,7 @@ class SampleMaker:
 
     def __init__(self, models: ModelSet, out_dir: str | Path, name: str, *, tokenizer: Any = None,
                  max_length: int = 128, images: np.ndarray | None = None,
-                 prompts: Sequence[str] = (), settings: SampleSettings = SampleSettings(),
+                 prompts: Sequence[str] = (), settings: SampleSettings = DEFAULT_SETTINGS,
                  image_hw: tuple[int, int] | None = None, seed: int = 0, null: str = "zeros",
                  mesh: jax.sharding.Mesh | None = None, rng_impl: str | None = None,
                  min_tile: int = 64):

@@ -92,8 +92,8 @@ def test_guidance_one_is_conditional_zero_is_unconditional_else_extrapolates(lin
     # v is linear in e: v_u + g (v_c - v_u) is the velocity of e = null + g (cond - null)
     g = 2.5
     np.testing.assert_allclose(_solve(lin, sampler, 4, g),
-                               _solve(lin, sampler, 4, 1.0, null=None, cond=null + g * (cond - null)),
-                               atol=1e-5)
+                               _solve(lin, sampler, 4, 1.0, null=None,
+                                      cond=null + g * (cond - null)), atol=1e-5)
 
 
 def test_guidance_one_runs_only_the_conditional_branch(lin):
@@ -112,7 +112,8 @@ def test_guidance_one_runs_only_the_conditional_branch(lin):
 def test_vpred_trailing_timesteps_and_bad_settings():
     s = sampling.vpred_schedule(20)
     np.testing.assert_array_equal(s["timesteps"], np.arange(999, 0, -50))
-    np.testing.assert_array_equal(sampling.vpred_schedule(50)["timesteps"][[0, 1, -1]], [999, 979, 19])
+    np.testing.assert_array_equal(sampling.vpred_schedule(50)["timesteps"][[0, 1, -1]],
+                                  [999, 979, 19])
     assert s["c"][0] == 0 and s["c"][-1] == 0 and (s["c"][1:-1] != 0).all()
     assert s["a"][-1] == 0 and s["b"][-1] == 1  # the last step returns x0
     with pytest.raises(ValueError, match="sampler must be one of"):
@@ -133,8 +134,8 @@ def test_vpred_matches_the_reference_loop_on_its_fixture():
         n = case["name"]
         emb = jnp.asarray(io[f"{n}.text_embeddings"])
         settings = SampleSettings("vpred", case["steps"], case["guidance"])
-        out = jax.jit(lambda p, x, tok, e: sampling.solve(apply, p, x, tok, e, jnp.zeros_like(e),
-                                                          settings))(
+        out = jax.jit(lambda p, x, tok, e, s=settings: sampling.solve(
+            apply, p, x, tok, e, jnp.zeros_like(e), s))(
             variables["params"], io[f"{n}.noise"], io[f"{n}.hw_token"], emb)
         ref = io[f"{n}.out"]
         assert np.abs(np.asarray(out) - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max()), n
@@ -162,7 +163,10 @@ def tiny():
     return config, tok, models, params
 
 
-def _gen(tiny, settings=SampleSettings("euler", 3, 3.0), **kw):
+GEN_SETTINGS = SampleSettings("euler", 3, 3.0)
+
+
+def _gen(tiny, settings=GEN_SETTINGS, **kw):
     _, tok, models, _ = tiny
     return sampling.Generator(models, tok, max_length=16, image_hw=(16, 16), settings=settings,
                               **kw)
