@@ -107,6 +107,9 @@ def base_config() -> mlc.ConfigDict:
     c.checkpoint = mlc.ConfigDict(dict(interval_steps=500, interval_minutes=30.0, max_to_keep=3,
                                        async_save=True))
     c.samples = mlc.ConfigDict(dict(enabled=True, num_images=4, seed=1234))
+    # Held-out metrics every interval_steps (0 = off) into the JSONL, TensorBoard and plots:
+    # PSNR/SSIM beside the mean-image and background baselines, shapes colour/relation scores.
+    c.eval = mlc.ConfigDict(dict(interval_steps=0, num_images=16, lpips_weights=""))
     c.plots = True
     c.tensorboard = True
     return c

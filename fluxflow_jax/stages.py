@@ -91,6 +91,14 @@ def logged_metrics(stage: Mapping) -> set[str]:
     return names | {f"learning/lr_{g}" for g in optimizer_groups(stage)}
 
 
+def spade_trained(config: Mapping, stage: str) -> bool:
+    """Whether the expander has been trained with SPADE context by the end of ``stage`` (a stage
+    with ``spade`` in ``train`` at or before it): decoding with context is right only then."""
+    order = list(config["stage_order"])
+    upto = order[: order.index(stage) + 1] if stage in order else order
+    return any("spade" in config["stages"][n]["train"] for n in upto)
+
+
 def dataset_name(config: Mapping, stage: Mapping) -> str:
     return stage.dataset or config.default_dataset
 
@@ -149,9 +157,9 @@ def _unknown_keys(config: Mapping) -> list[str]:
     """Keys no part of the code reads: at the top level, in checkpoint.* and samples.*."""
     base = cd.base_config()
     errs = []
-    for section, have, known in (("", config, base), ("checkpoint.", config.get("checkpoint", {}),
-                                  base.checkpoint), ("samples.", config.get("samples", {}),
-                                                     base.samples)):
+    sections = [("", config, base)] + [(f"{k}.", config.get(k, {}), base[k])
+                                       for k in ("checkpoint", "samples", "eval")]
+    for section, have, known in sections:
         for k in have:
             if k not in known:
                 close = difflib.get_close_matches(k, list(known), n=1)

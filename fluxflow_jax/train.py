@@ -23,8 +23,18 @@ import jax
 import ml_collections as mlc
 import numpy as np
 
-from fluxflow_jax import cached, interop, optim, plots, sampling, schedules, sharding, stages
-from fluxflow_jax import weights
+from fluxflow_jax import (
+    cached,
+    evaluate,
+    interop,
+    optim,
+    plots,
+    sampling,
+    schedules,
+    sharding,
+    stages,
+    weights,
+)
 from fluxflow_jax import checkpoint as ckpt_lib
 from fluxflow_jax import controls as controls_lib
 from fluxflow_jax import data as data_lib
@@ -261,7 +271,13 @@ def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | N
     step = int(state.step)
     writer = metrics_lib.MetricsWriter(workdir, name, tensorboard=bool(config.tensorboard),
                                        resume_at=offset + step)
-    samples = sampling.SampleMaker(config, st, workdir) if config.samples.enabled else None
+    samples = (sampling.stage_sample_maker(config, name, st.models, st.tokenizer, workdir)
+               if config.samples.enabled and not st.cfg.latent_cache else None)
+    evaluator = None
+    if int(config.eval.interval_steps) > 0 and jax.process_index() == 0:
+        evaluator, _ = evaluate.make_evaluator(
+            config, st.models, st.tokenizer, st.cfg, num=int(config.eval.num_images),
+            lpips_weights=config.eval.lpips_weights or None)
     result = {"stage": name, "step": step, "total_steps": st.total_steps}
     max_bad = int(config.max_nonfinite_in_a_row)
 
@@ -291,7 +307,7 @@ def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | N
     nonfinite_seen, bad_in_a_row = int(state.nonfinite), 0
     try:
         if samples is not None and step == 0:
-            samples.make(state, step)
+            samples.make(sampling.sampling_params(state.params, state.ema), step)
         while step < st.total_steps:
             req = controls.poll()
             if req["signal"] or req["stop"]:
@@ -304,7 +320,7 @@ def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | N
             if req["checkpoint"]:
                 save(True, ".checkpoint file")
                 if samples is not None:
-                    samples.make(state, step)
+                    samples.make(sampling.sampling_params(state.params, state.ema), step)
             batch = next(st.loader)
             gbatch = sharding.put_batch(batch, st.mesh)
             step_metrics = {}
@@ -365,10 +381,17 @@ def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | N
                     stopped = reason
                     print(f"\n[{name}] stop condition met at step {step}: {reason}", flush=True)
                     break
+            if evaluator is not None and step % int(config.eval.interval_steps) == 0:
+                ev = evaluator(sampling.sampling_params(state.params, state.ema))
+                writer.write(offset + step, 0, step - 1, ev, {}, {"stage_step": step})
+                for k, v in ev.items():
+                    history.setdefault(k, []).append(v if math.isfinite(v) else None)
+                pbar.write(f"[{name}] step {step}: " + " ".join(
+                    f"{k.split('/', 1)[-1]}={v:.4g}" for k, v in ev.items()))
             if checkpointer.should_save(step):
                 save(False, "interval")
                 if samples is not None:
-                    samples.make(state, step)
+                    samples.make(sampling.sampling_params(state.params, state.ema), step)
     except FloatingPointError as e:
         result.update(step=step, diverged=True, reason=str(e))
     pbar.close()
@@ -381,7 +404,7 @@ def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | N
         save(True, stopped or "end of stage")
         checkpointer.wait_until_finished()
         if samples is not None:
-            samples.make(state, step)
+            samples.make(sampling.sampling_params(state.params, state.ema), step)
         weights.save_stage(workdir, name, st.models, state, carried)
         if jax.process_index() == 0 and config.plots:
             plots.make_plots(workdir, name)

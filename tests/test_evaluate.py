@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
+from fluxflow_jax import evaluate, grids
 from fluxflow_jax.evaluate import make_grid, psnr, save_grid, ssim, to_uint8
 
 
@@ -66,12 +69,13 @@ def test_psnr_identical_inf_and_decreasing_with_noise():
 
 
 def ssim_bruteforce(a: np.ndarray, b: np.ndarray, win: int = 11, sigma: float = 1.5) -> np.ndarray:
-    """Wang et al. SSIM evaluated window by window (data range 2)."""
+    """Wang et al. SSIM evaluated window by window on [-1, 1] images mapped to [0, 1] (range 1)."""
+    a, b = (a + 1.0) / 2.0, (b + 1.0) / 2.0
     x = np.arange(win) - (win - 1) / 2
     g1 = np.exp(-(x**2) / (2 * sigma**2))
     w2 = np.outer(g1, g1)
     w2 /= w2.sum()
-    c1, c2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2
+    c1, c2 = 0.01**2, 0.03**2
     n, h, wd, c = a.shape
     out = np.zeros(n)
     for i in range(n):
@@ -99,7 +103,7 @@ def test_ssim_identical_is_one_and_matches_bruteforce():
     b = jnp.clip(a + 0.3 * jax.random.normal(jax.random.key(4), a.shape), -1, 1)
     got = np.asarray(ssim(a, b))
     want = ssim_bruteforce(np.asarray(a), np.asarray(b))
-    assert got.shape == (2,) and (got < 0.9).all()
+    assert got.shape == (2,) and (got < 0.95).all()
     np.testing.assert_allclose(got, want, atol=1e-5)
     # more noise, lower SSIM
     c = jnp.clip(a + 0.6 * jax.random.normal(jax.random.key(4), a.shape), -1, 1)
@@ -119,3 +123,87 @@ def test_metrics_reject_mismatched_shapes():
         psnr(jnp.zeros((1, 4, 4, 3)), jnp.zeros((1, 4, 5, 3)))
     with pytest.raises(ValueError, match="ssim: expected two NHWC batches"):
         ssim(jnp.zeros((4, 4, 3)), jnp.zeros((4, 4, 3)))
+
+
+# ----------------------------------------------------------------------------------------------
+# dm-pix conventions, baselines, shapes conditioning scores, the Evaluator library entry
+
+
+def test_psnr_ssim_follow_the_unit_range_convention_of_dm_pix():
+    import dm_pix
+
+    a = jax.random.uniform(jax.random.key(5), (2, 16, 16, 3), minval=-1.0, maxval=1.0)
+    b = jnp.clip(a + 0.2 * jax.random.normal(jax.random.key(6), a.shape), -1, 1)
+    # [-1, 1] with range 2 == the same images in [0, 1] with range 1
+    np.testing.assert_allclose(psnr(a, b), dm_pix.psnr((a + 1) / 2, (b + 1) / 2), rtol=1e-5)
+    np.testing.assert_allclose(ssim(a, b), dm_pix.ssim((a + 1) / 2, (b + 1) / 2), atol=1e-5)
+    mse = np.mean((np.asarray(a) - np.asarray(b)) ** 2, axis=(1, 2, 3))
+    np.testing.assert_allclose(psnr(a, b), 10 * np.log10(4.0 / mse), rtol=1e-4)
+
+
+def _heldout(n=24, size=32):
+    return evaluate.heldout_shapes({"img_size": size, "generator_seed": 0, "max_objects": 2}, n)
+
+
+def test_heldout_shapes_are_not_training_scenes_and_baselines():
+    from fluxflow_jax.data import shapes
+
+    images, scenes = _heldout()
+    train = [shapes.scene(i, 0).caption for i in range(len(scenes))]
+    assert [s.caption for s in scenes] != train
+    assert images.shape == (24, 32, 32, 3) and images.min() >= -1 and images.max() <= 1
+    mean_b = evaluate.mean_image_baseline(images)
+    bg_b = evaluate.background_baseline(images, scenes)
+    # grey backgrounds dominate: predicting them alone already scores well above 15 dB
+    assert 15.0 < mean_b < bg_b < 30.0
+    x = np.asarray(images)
+    np.testing.assert_allclose(mean_b, np.mean(psnr(x, np.broadcast_to(x.mean(0), x.shape))),
+                               rtol=1e-6)
+
+
+def test_conditioning_scores_from_pixels():
+    images, scenes = _heldout()
+    assert evaluate.conditioning_scores(images, scenes) == {"color_score": 1.0,
+                                                            "relation_score": 1.0}
+    flat = np.zeros_like(images)
+    assert evaluate.conditioning_scores(flat, scenes) == {"color_score": 0.0,
+                                                          "relation_score": 0.0}
+    # mirrored images put every object on the other side: relations fail, colours stay
+    vertical = [i for i, s in enumerate(scenes) if s.relation in ("above", "below")]
+    horizontal = [i for i, s in enumerate(scenes) if s.relation in ("left of", "right of")]
+    assert vertical and horizontal
+    flipped = np.stack([x[::-1] if i in vertical else x[:, ::-1] for i, x in enumerate(images)])
+    got = evaluate.conditioning_scores(flipped, scenes)
+    assert got == {"color_score": 1.0, "relation_score": 0.0}
+    # recolouring the first object of each scene fails exactly those objects
+    n_obj = sum(len(s.objects) for s in scenes)
+    from fluxflow_jax.data import shapes
+    recoloured = []
+    for s in scenes:
+        other = next(c for c in shapes.COLORS if c not in {o.color for o in s.objects})
+        objs = (dataclasses.replace(s.objects[0], color=other),) + s.objects[1:]
+        recoloured.append(grids.from_uint8(shapes.render(dataclasses.replace(s, objects=objs), 32)))
+    got = evaluate.conditioning_scores(np.stack(recoloured), scenes)
+    assert got["color_score"] == pytest.approx((n_obj - len(scenes)) / n_obj)
+    assert got["relation_score"] == 0.0
+    with pytest.raises(ValueError, match="3 images for 24 scenes"):
+        evaluate.conditioning_scores(images[:3], scenes)
+
+
+def test_evaluator_returns_flat_metrics_for_the_models_present():
+    from fluxflow_jax.models import registry
+
+    mcfg = dict(vae_dim=5, downscales=1, upscales=1, vae_attn_layers=1, vae_attn_heads=1,
+                flow_dim=8, flow_layers=1, flow_heads=2, text_embedding_dim=8)
+    models = registry.build_models(mcfg, {"compressor", "expander"})
+    params, _ = registry.init_params(models, jax.random.key(0), image_hw=(16, 16))
+    images, scenes = _heldout(4, 16)
+    ev = evaluate.Evaluator(models, images=images, scenes=scenes)
+    m = ev(params)
+    assert set(m) == {"eval/psnr", "eval/ssim", "eval/psnr_mean_image", "eval/psnr_background"}
+    y = ev.last_images["reconstruction"]
+    assert m["eval/psnr"] == pytest.approx(float(np.mean(psnr(images, y))), rel=1e-6)
+    assert m["eval/psnr_background"] == pytest.approx(
+        evaluate.background_baseline(images, scenes), rel=1e-6)
+    table = evaluate.format_table(m)
+    assert "psnr_mean_image" in table.splitlines()[1] and len(table.splitlines()) == 3
