@@ -25,11 +25,12 @@ def _config(tmp_path: Path, img_size) -> Path:
 
         def get_config(arg=""):
             c = demo.get_config("test")
-            c.datasets.shapes.img_size = {img_size!r}
-            c.datasets.shapes.resize_mode = "fixed"
-            c.datasets.shapes.num_samples = 8
+            from fluxflow_jax import config_defaults as cd
+            c.datasets.shapes = cd.dataset_config("shapes", img_size={img_size!r},
+                                                  resize_mode="fixed", num_samples=8)
             c.stage_order = ("flow",)
             c.stages.flow.steps = 3
+            c.stages.flow.schedulers.flow.warmup_steps = 1
             c.stages.flow.loss.sample_posterior = False
             c.log_interval = 1
             c.samples.enabled = False

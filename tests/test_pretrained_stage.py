@@ -40,7 +40,9 @@ def test_stage_text_encoder_starts_from_the_pretrained_folder(tmp_path):
                                 pretrained_dir={str(hf)!r})
             c.stage_order = ("flow",)
             c.stages.flow.train = ("flow",)   # the text encoder stays frozen
+            c.stages.flow.optimizers = {{"flow": c.stages.flow.optimizers.flow.to_dict()}}
             c.stages.flow.steps = 2
+            c.stages.flow.schedulers.flow.warmup_steps = 1
             c.samples.enabled = False
             return c
         """))

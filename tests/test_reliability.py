@@ -23,7 +23,8 @@ from fluxflow_jax import checkpoint, workdir  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("reliability")
 SHORT = ("--config.stages.vae_warmup.steps=4", "--config.stages.vae_gan.steps=2",
-         "--config.stages.flow.steps=2", "--config.checkpoint.interval_steps=2")
+         "--config.stages.flow.steps=2", "--config.stages.flow.schedulers.flow.warmup_steps=1",
+         "--config.checkpoint.interval_steps=2")
 
 
 @pytest.fixture(scope="module")
