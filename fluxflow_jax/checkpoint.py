@@ -323,8 +323,18 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
+        """Finish pending saves and close; on multi-host runs also a barrier.
+
+        Every host leaves ``close`` together, so whatever process 0 wrote before it (the stage's
+        param file, exports) is on disk before any host goes on to read it - without the barrier
+        host 1 starts the next stage while host 0 is still writing the previous stage's params.
+        """
         self._manager.wait_until_finished()
         self._manager.close()
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"fluxflow_jax checkpointer close {self.directory}")
 
     def __enter__(self) -> Checkpointer:
         return self
