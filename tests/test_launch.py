@@ -273,3 +273,48 @@ def test_launch_main_distributed_on_without_a_cluster_says_what_to_pass(tmp_path
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("error: --distributed=on: process ? of ?")
     assert "--coordinator_address, --num_processes and --process_id" in last
+
+
+FAKE_GCLOUD = """#!{python}
+# Stand-in for gcloud: a TPU that does not exist yet, is preempted during the first training
+# run and finishes the second. Logs every call.
+import json, sys
+from pathlib import Path
+d = Path({d!r})
+calls = json.loads((d / "calls.json").read_text()) if (d / "calls.json").exists() else []
+calls.append(sys.argv[1:])
+(d / "calls.json").write_text(json.dumps(calls))
+state = (d / "state").read_text() if (d / "state").exists() else "NOT_FOUND"
+verb = sys.argv[4]
+if verb == "describe":
+    if state == "NOT_FOUND":
+        sys.exit(1)
+    print(state)
+elif verb == "create":
+    (d / "state").write_text("READY")
+elif verb == "delete":
+    (d / "state").unlink()
+elif verb == "ssh" and "fluxflow_jax.main" in sys.argv[-1]:
+    runs = len([c for c in calls if c[3] == "ssh" and "fluxflow_jax.main" in c[-1]])
+    if runs == 1:
+        (d / "state").write_text("PREEMPTED")
+        sys.exit(255)
+"""
+
+
+def test_tpu_launch_recreates_a_preempted_tpu_and_reruns_the_same_command(tmp_path):
+    fake = tmp_path / "gcloud"
+    fake.write_text(FAKE_GCLOUD.format(python=sys.executable, d=str(tmp_path)))
+    fake.chmod(0o755)
+    p = _launch("tpu_vm.py", "--name", "ff", "--zone", "z", "--accelerator-type", "v4-8",
+                "--config", "configs/demo.py", "--workdir", "runs/demo", "--package", "pkg",
+                "--gcloud", str(fake))
+    calls = json.loads((tmp_path / "calls.json").read_text())
+    verbs = [c[3] for c in calls]
+    assert verbs == ["describe", "create", "describe", "ssh", "ssh",  # create, install, train
+                     "describe",                                      # -> PREEMPTED
+                     "describe", "delete", "create", "describe", "ssh", "ssh",
+                     "describe"]                                      # READY, rc 0: done
+    trains = [c for c in calls if c[3] == "ssh" and "fluxflow_jax.main" in c[-1]]
+    assert len(trains) == 2 and trains[0] == trains[1]
+    assert "preempted" in p.stdout
