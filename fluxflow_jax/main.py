@@ -2,7 +2,9 @@
 
 ``--config.a.b=value`` overrides any config key (the config is locked: a misspelt key fails).
 ``--validate`` prints the stage plan and exits. ``--distributed=auto|on|off`` calls
-``jax.distributed.initialize()`` before anything touches a device (TPU pods, multi-node GPU).
+``jax.distributed.initialize()`` before anything touches a device (TPU pods, multi-node GPU);
+outside SLURM / Cloud TPU give ``--coordinator_address --num_processes --process_id`` (or the
+``JAX_*`` variables of the same meaning; ``launch/`` sets them). All hosts need one shared workdir.
 Stop controls while running: ``touch W/.pause`` (pause until removed), ``W/.checkpoint``
 (save now + samples), ``W/.stop`` (save and exit); SIGTERM/SIGINT save and exit too.
 """
@@ -19,8 +21,10 @@ FLAGS = flags.FLAGS
 
 def _env_int(name: str) -> int | None:
     """An integer environment variable as a flag default (None when unset or empty)."""
-    v = os.environ.get(name, "")
-    return int(v) if v.strip() else None
+    v = os.environ.get(name, "").strip()
+    if v and not v.isdigit():
+        raise SystemExit(f"error: ${name}={v!r} must be a non-negative integer (or unset)")
+    return int(v) if v else None
 
 
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
