@@ -67,7 +67,7 @@ def run(argv: Sequence[str], *, check: bool = True, capture: bool = False,
     if dry_run:
         return subprocess.CompletedProcess(list(argv), 0, "", "")
     try:
-        p = subprocess.run(list(argv), text=True, capture_output=capture)
+        p = subprocess.run(list(argv), text=True, capture_output=capture, check=False)
     except FileNotFoundError:
         raise SystemExit(f"error: {argv[0]!r} not found; install it or put it on PATH") from None
     if check and p.returncode != 0:

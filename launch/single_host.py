@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402  (launch/ is a folder of scripts, not a package)
+import _common  # launch/ is a folder of scripts, not a package
 
 
 def environment(a: argparse.Namespace) -> dict[str, str]:
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     rc = 0
     for attempt in range(a.max_restarts + 1):
         _common.show(cmd, f"attempt {attempt + 1}/{a.max_restarts + 1}")
-        rc = subprocess.run(cmd, env=full_env).returncode
+        rc = subprocess.run(cmd, env=full_env, check=False).returncode
         if not _common.should_restart(rc, a.workdir):
             break
         print(f"# run ended with exit code {rc}, pipeline "

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402  (launch/ is a folder of scripts, not a package)
+import _common  # launch/ is a folder of scripts, not a package
 
 
 def build_script(a: argparse.Namespace) -> str:
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     Path(a.log_dir).mkdir(parents=True, exist_ok=True)
     Path(a.script).write_text(text)
     try:
-        return subprocess.run(cmd).returncode
+        return subprocess.run(cmd, check=False).returncode
     except FileNotFoundError:
         print(f"error: {a.sbatch!r} not found: run this on a SLURM login node "
               f"(the script is written to {a.script})", file=sys.stderr)

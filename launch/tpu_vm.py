@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402  (launch/ is a folder of scripts, not a package)
+import _common  # launch/ is a folder of scripts, not a package
 
 REMOTE_REPO = "~/fluxflow_jax"
 MOUNT_ROOT = "/mnt/gcs"
