@@ -3,7 +3,8 @@
 One checkpoint step holds three items (``ocp.args.Composite``):
 
 * ``state`` - the run's pytree (params, optimizer states, EMA, step, RNG key data) via ``StandardSave``;
-* ``data``  - the data-iterator state (JSON), so the input pipeline resumes where it stopped;
+* ``data``  - the data-iterator state (JSON), so the input pipeline resumes where it stopped; on
+  multi-host runs whose hosts have different states, every host's (each restores its own);
 * ``meta``  - run metadata (JSON): stage name, epoch, config hash, ...
 
 Why these choices:
@@ -140,6 +141,49 @@ def _check_json(obj: Any, name: str) -> None:
         raise TypeError(
             f"checkpoint item '{name}' is not JSON-serialisable (strict, no NaN): {e}"
         ) from e
+
+
+PER_PROCESS = "__per_process__"
+
+
+def _gather_json(obj: Any) -> list[Any]:
+    """Every process's ``obj`` (JSON), in process order. A collective: all processes call it."""
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(obj, sort_keys=True).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.asarray([raw.size], np.int64))
+    padded = np.zeros(int(np.max(sizes)), np.uint8)
+    padded[: raw.size] = raw
+    rows = multihost_utils.process_allgather(padded)
+    return [json.loads(bytes(r[: int(n)]).decode()) for r, n in zip(rows, np.ravel(sizes))]
+
+
+def _collect_data_states(data_state: dict) -> dict:
+    """The data item to store: the one state when all hosts agree, else every host's state.
+
+    Orbax writes JSON items from process 0 only; host-local iterator states (a webdataset
+    loader's shard cursors, its ``process_index``) would otherwise come back as process 0's on
+    every host and fail or replay the wrong samples.
+    """
+    if jax.process_count() == 1:
+        return data_state
+    states = _gather_json(data_state)
+    if all(st == states[0] for st in states):
+        return data_state
+    return {PER_PROCESS: states}
+
+
+def _own_data_state(stored: dict, where: str) -> dict:
+    """This host's data state from what ``_collect_data_states`` stored."""
+    if PER_PROCESS not in stored:
+        return stored
+    states = stored[PER_PROCESS]
+    if len(states) != jax.process_count():
+        raise CheckpointMismatchError(
+            f"{where}: the data-iterator state was saved by {len(states)} processes, this run has "
+            f"{jax.process_count()}; resume with {len(states)} processes (host-local loader "
+            "positions cannot be redistributed)")
+    return dict(states[jax.process_index()])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -279,7 +323,7 @@ class Checkpointer:
         _check_json(meta, "meta")
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(_encode_keys(state)),
-            data=ocp.args.JsonSave(data_state),
+            data=ocp.args.JsonSave(_collect_data_states(data_state)),
             meta=ocp.args.JsonSave(meta),
         )
         started = self._manager.save(step, args=args, force=True)
@@ -340,7 +384,8 @@ class Checkpointer:
         )
         restored = self._manager.restore(step, args=args)
         state = jax.tree.map(_wrap_key, restored["state"], abstract_state)
-        return state, dict(restored["data"] or {}), dict(restored["meta"] or {})
+        data = _own_data_state(dict(restored["data"] or {}), f"{self.directory}/{step}/data")
+        return state, data, dict(restored["meta"] or {})
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -349,8 +394,18 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
+        """Finish pending saves and close; on multi-host runs also a barrier.
+
+        Every host leaves ``close`` together, so whatever process 0 wrote before it (the stage's
+        param file, exports) is on disk before any host goes on to read it - without the barrier
+        host 1 starts the next stage while host 0 is still writing the previous stage's params.
+        """
         self._manager.wait_until_finished()
         self._manager.close()
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"fluxflow_jax checkpointer close {self.directory}")
 
     def __enter__(self) -> Checkpointer:
         return self

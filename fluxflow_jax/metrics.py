@@ -327,6 +327,7 @@ class ProgressBar:
         refresh_s: float = 0.2,
         log_every_s: float = 30.0,
         clock=time.monotonic,
+        active: bool = True,
     ):
         self.total = total
         self.desc = desc
@@ -341,6 +342,7 @@ class ProgressBar:
         self._last_render = -math.inf
         self._metrics: dict = {}
         self._closed = False
+        self.active = active  # multi-host: only process 0 prints
 
     @property
     def rate(self) -> float | None:
@@ -392,6 +394,8 @@ class ProgressBar:
 
     def write(self, message: str) -> None:
         """Print a message on its own line without breaking the progress line."""
+        if not self.active:
+            return
         if self.tty:
             self.stream.write("\r\x1b[2K")
         self.stream.write(message + "\n")
@@ -400,6 +404,8 @@ class ProgressBar:
         self.stream.flush()
 
     def _emit(self) -> None:
+        if not self.active:
+            return
         if self.tty:
             self.stream.write("\r\x1b[2K" + self.render())
         else:

@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import ml_collections as mlc
+from jax.experimental import multihost_utils
 import numpy as np
 
 from fluxflow_jax import (
@@ -301,7 +302,8 @@ def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | N
     if step < st.total_steps:
         print(f"[{name}] compiling {'+'.join(st.kinds)} ...", flush=True)
     compiling = True
-    pbar = metrics_lib.ProgressBar(st.total_steps, desc=name, initial=step)
+    pbar = metrics_lib.ProgressBar(st.total_steps, desc=name, initial=step,
+                                   active=jax.process_index() == 0)
     last_log_t, last_log_step = time.monotonic(), step
     stopped = None
     nonfinite_seen, bad_in_a_row = int(state.nonfinite), 0
@@ -408,6 +410,8 @@ def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | N
         weights.save_stage(workdir, name, st.models, state, carried)
         if jax.process_index() == 0 and config.plots:
             plots.make_plots(workdir, name)
+        if jax.process_count() > 1:  # the next stage reads what process 0 just wrote
+            multihost_utils.sync_global_devices(f"fluxflow_jax stage {name} files written")
         result.update(step=step, stopped_early=stopped, nonfinite=int(state.nonfinite),
                       global_step=offset + step)
         print(f"[{name}] finished at step {step}" + (f" ({stopped})" if stopped else ""),
