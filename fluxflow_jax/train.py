@@ -21,8 +21,8 @@ from typing import Any
 
 import jax
 import ml_collections as mlc
-from jax.experimental import multihost_utils
 import numpy as np
+from jax.experimental import multihost_utils
 
 from fluxflow_jax import (
     cached,
