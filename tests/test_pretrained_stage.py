@@ -51,6 +51,6 @@ def test_stage_text_encoder_starts_from_the_pretrained_folder(tmp_path):
     assert f"text encoder backbone from {hf}" in p.stdout
     exported = load_file(str(tmp_path / "w" / "export" / "flow" / "text_encoder.safetensors"))
     backbone = {k: v for k, v in weights.items() if k.startswith("language_model.")}
-    assert backbone and all(k in exported for k in backbone)
-    for k, v in backbone.items():
-        np.testing.assert_array_equal(exported[k], v, err_msg=k)
+    assert backbone and all("text_encoder." + k in exported for k in backbone)
+    for k, v in backbone.items():  # bit for bit: loaded as stored, frozen, exported
+        np.testing.assert_array_equal(exported["text_encoder." + k], v, err_msg=k)

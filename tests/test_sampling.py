@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 from fluxflow_jax import data as data_lib
-from fluxflow_jax import grids, sampling
+from fluxflow_jax import grids, sampling, stages
 from fluxflow_jax.interop.flow import flow_from_torch
 from fluxflow_jax.models import registry
 from fluxflow_jax.models.flow import FluxFlowProcessor
@@ -211,23 +211,42 @@ def test_sampling_params_prefer_ema():
 def test_stage_sample_maker_writes_readable_grids(tiny, tmp_path):
     config, tok, models, params = tiny
     written = []
-    for stage in ("vae_warmup", "flow"):
+    for stage in ("vae_warmup", "vae_gan", "flow"):
         sm = sampling.stage_sample_maker(config, stage, models, tok, tmp_path)
         written += sm.make(params, 7)
     names = sorted(p.name for p in written)
-    assert names == ["flow_gen_step000007.png", "vae_warmup_recon_step000007.png"]
+    assert names == ["flow_gen_step000007.png", "vae_gan_recon_step000007.png",
+                     "vae_warmup_recon_step000007.png"]
+    # SPADE context only once a stage trained it (the reference decodes with it always, §10.14):
+    # vae_warmup shows input / reconstruction; vae_gan (train has 'spade') adds the no-SPADE row.
+    with Image.open(tmp_path / "samples" / "vae_gan_recon_step000007.png") as im:
+        assert im.size[1] == 3 * (64 + 2) + 2
     with Image.open(tmp_path / "samples" / "vae_warmup_recon_step000007.png") as im:
         w, h = im.size
         arr = np.asarray(im.convert("RGB"))
     n = int(config.samples.num_images)
-    # 16 px tiles upscaled x4 to 64 px; a label column on the left; 3 labelled rows
-    assert h == 3 * (64 + 2) + 2 and w > n * (64 + 2) + 2
+    # 16 px tiles upscaled x4 to 64 px; a label column on the left; 2 labelled rows
+    assert h == 2 * (64 + 2) + 2 and w > n * (64 + 2) + 2
     label_w = w - (n * (64 + 2) + 2)
     assert (arr[:, :label_w] < 128).any()  # row labels drawn
     first = arr[2:66, label_w + 2:label_w + 66]
     assert (first[::4, ::4] == first[1::4, 1::4]).all()  # nearest-neighbour 4x blocks
     with Image.open(tmp_path / "samples" / "flow_gen_step000007.png") as im:
         assert im.size[0] == 2 * (64 + 2) + 2 and im.size[1] > 64 + 2  # caption strip below
+
+
+def test_samples_decode_with_spade_context_only_after_a_spade_stage(tiny):
+    config, tok, models, params = tiny
+    assert [stages.spade_trained(config, s) for s in config.stage_order] == [False, True, True]
+    images = jnp.asarray(sampling.fixed_images(
+        config.datasets.shapes, 2, 0, tokenizer=tok, max_length=16, name="datasets.shapes"))
+    plain = sampling.reconstruct(models, params, images, use_context=False)
+    warm = sampling.stage_sample_maker(config, "vae_warmup", models, tok, "/tmp/unused")
+    ctx, noctx = warm._recon(params, images)
+    np.testing.assert_allclose(np.asarray(noctx), np.asarray(plain), atol=1e-6)
+    assert not warm.use_context and warm.gen is None
+    flow = sampling.stage_sample_maker(config, "flow", models, tok, "/tmp/unused")
+    assert flow.gen is not None and flow.use_context  # the demo's vae_gan trained SPADE
 
 
 def test_wrap_caption_breaks_at_word_boundaries():
