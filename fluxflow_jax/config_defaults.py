@@ -62,11 +62,15 @@ def loss_config(**overrides: Any) -> mlc.ConfigDict:
     return mlc.ConfigDict(d)
 
 
+# Samplers a stage or the generate command can choose (sampling.py implements each).
+SAMPLERS = ("euler", "heun", "vpred")
+
 STAGE_DEFAULTS = dict(
     name="", description="", epochs=0, steps=0, train=(), freeze=(), dataset="",
     batch_size=0, grad_accum=1, ema_decay=0.0, ema_warmup=False, latent_cache=False,
     stop_metric="", stop_threshold=0.0, stop_window=20, stop_mode="below",
     sample_prompts=(), sample_steps=20, guidance_scale=3.0, num_sample_images=4,
+    sampler="",  # euler | heun | vpred; "" = the one matching loss.objective
 )
 
 

@@ -256,9 +256,7 @@ def make_evaluator(config: Mapping, models: ModelSet, tokenizer: Any, stage_cfg:
                                        name=f"datasets.{name}")
         scenes = None
     loss = stage_cfg.get("loss", {})
-    settings = settings or sampling.SampleSettings(
-        sampling.sampler_for_objective(loss.get("objective", "flow_matching")),
-        int(stage_cfg.get("sample_steps", 20)), float(stage_cfg.get("guidance_scale", 1.0)))
+    settings = settings or sampling.stage_settings(stage_cfg)
     paths = lpips_paths(config, lpips_weights)
     ev = Evaluator(models, images=images, scenes=scenes, tokenizer=tokenizer,
                    max_length=max_length, settings=settings, null=loss.get("cfg_null", "zeros"),

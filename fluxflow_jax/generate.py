@@ -120,6 +120,7 @@ def run_generate(loaded: loading.Loaded, args: argparse.Namespace) -> dict:
         ds = loading.dataset_config(loaded)
         image_hw = tuple(ds["img_size"]) if ds else (64, 64)
     default_sampler = ("vpred" if not loaded.run_config else
+                       stage.get("sampler") or
                        sampling.sampler_for_objective(loss.get("objective", "flow_matching")))
     settings = sampling.SampleSettings(
         sampler=args.sampler or default_sampler,

@@ -34,10 +34,10 @@ import numpy as np
 
 from fluxflow_jax import data as data_lib
 from fluxflow_jax import grids, losses, sharding, stages
+from fluxflow_jax.config_defaults import SAMPLERS
 from fluxflow_jax.models.registry import ModelSet
 from fluxflow_jax.models.vae import hw_token
 
-SAMPLERS = ("euler", "heun", "vpred")
 NULL_MODES = ("zeros", "empty_prompt")
 # (params, packed [B, T+1, d], text_emb [B, E], t [B] float) -> packed [B, T+1, d]
 FlowApply = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -61,6 +61,15 @@ class SampleSettings:
 
 
 DEFAULT_SETTINGS = SampleSettings()
+
+
+def stage_settings(stage_cfg: Mapping) -> SampleSettings:
+    """A stage's sampling settings: its ``sampler`` (default: the one matching its objective),
+    ``sample_steps`` and ``guidance_scale``."""
+    sampler = stage_cfg.get("sampler") or sampler_for_objective(
+        stage_cfg.get("loss", {}).get("objective", "flow_matching"))
+    return SampleSettings(sampler, int(stage_cfg.get("sample_steps", 20)),
+                          float(stage_cfg.get("guidance_scale", 1.0)))
 
 
 def sampler_for_objective(objective: str) -> str:
@@ -384,8 +393,7 @@ def stage_sample_maker(config: Mapping, stage: str, models: ModelSet, tokenizer:
                           tokenizer=tokenizer, max_length=int(config["max_length"]),
                           name=f"datasets.{ds_name}")
     prompts = list(s["sample_prompts"]) if "flow" in kinds else []
-    settings = SampleSettings(sampler_for_objective(s["loss"]["objective"]),
-                              int(s["sample_steps"]), float(s["guidance_scale"]))
+    settings = stage_settings(s)
     return SampleMaker(models, Path(workdir) / "samples", stage, tokenizer=tokenizer,
                        max_length=int(config["max_length"]),
                        images=images if "vae" in kinds else None, prompts=prompts,

@@ -302,6 +302,9 @@ def _validate_stage(config: Mapping, key: str, s: Mapping) -> list[str]:
                            trained_models(s)):
         errs.append(f"{p}.latent_cache: only a flow stage with a frozen VAE can train from "
                     f"cached latents (train={train})")
+    if s.sampler and s.sampler not in cd.SAMPLERS:
+        errs.append(f"{p}.sampler: {s.sampler!r} not in {cd.SAMPLERS} ('' = the one "
+                    "matching loss.objective)")
     if "flow" in train and s.sample_steps <= 0:
         errs.append(f"{p}.sample_steps: must be > 0")
     return errs

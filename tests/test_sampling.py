@@ -307,3 +307,16 @@ def test_make_evaluator_from_the_run_config(tiny):
                                              float(config.stages.flow.guidance_scale))
     assert ev.last_images["generated"].shape == (4, 16, 16, 3)
     assert m["eval/color_score_data"] == 1.0 and 0.0 <= m["eval/color_score"] <= 1.0
+
+
+def test_stage_config_chooses_the_sampler(tiny):
+    config, tok, models, _ = tiny
+    assert sampling.stage_settings(config.stages.flow).sampler == "euler"  # flow matching
+    config = config.copy_and_resolve_references()
+    config.stages.flow.sampler = "heun"
+    config.stages.flow.sample_steps = 5
+    sm = sampling.stage_sample_maker(config, "flow", models, tok, "/tmp/unused")
+    assert sm.gen.settings == SampleSettings("heun", 5, float(config.stages.flow.guidance_scale))
+    config.stages.flow.loss.objective = "v_prediction"
+    config.stages.flow.sampler = ""
+    assert sampling.stage_settings(config.stages.flow).sampler == "vpred"
