@@ -168,7 +168,7 @@ def main(argv=None) -> dict:
 
     # --- generations
     if {"flow", "text_encoder"} <= names:
-        st = cfg["stages"][stage] if stage in cfg["stages"] else {}
+        st = cfg["stages"].get(stage, {})
         steps = args.sample_steps or int(st.get("sample_steps", 20))
         g = args.guidance if args.guidance >= 0 else float(st.get("guidance_scale", 3.0))
         null_mode = st.get("loss", {}).get("cfg_null", "zeros")
