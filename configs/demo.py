@@ -10,18 +10,20 @@ stage, then the flow model with the text encoder on the frozen VAE. Leaves check
 (W/checkpoints), exports in the reference layout (W/export/<stage>/), metrics (W/graph/*.jsonl +
 plots), TensorBoard events (W/tb) and sample grids (W/samples).
 
-Measured (run log and commands: experiments/shapes_t2i/README.md; 2 CPU cores shared with other
-jobs, load average 6-10, so wall times are 3-5x an idle machine's):
-  * stage 1 after its 1000 steps (run r4, cold cache: compile 55 s, ~3 steps/s at load 6-10):
-    held-out reconstruction PSNR 23.0 dB, beside 20.2 dB for a flat image of each input's
-    background and 18.5 dB for the mean image; every object drawn at its place and size but in one
-    warm orange - colour score 0.30 on single-object images (target 0.8, chance 1/6). Targets
-    (24 dB, 0.8) NOT reached. The VAE sits on the flat-background plateau (20.2 dB) for ~800 steps
-    and its exit is fragile: the same recipe with the cosine stretched to 1600 steps never left it.
-  * generations: the flow stage was not measured on this VAE (the runs that reached it had a
-    flat-grey VAE); prompt-colour score unknown, expect at most the warm colours.
-  * cost of a cold run: ~470-500 process CPU-s, i.e. an estimated 5-6 min on an idle 2-core machine
-    (not measured idle; at load 6-7 the VAE step compiled in 40-55 s, the GAN step in 63 s).
+Measured (run log, commands and images: experiments/shapes_t2i/README.md, run r7; 2 CPU cores
+shared with other jobs at load average 4-6, so wall times are ~2-3x an idle machine's):
+  python -m fluxflow_jax.main --config=configs/demo.py --workdir=W
+  python experiments/shapes_t2i/measure.py W
+  * held-out reconstruction PSNR 24.15 dB after stage 1, 23.76 dB after the GAN stage, beside
+    20.17 dB for a flat image of each input's background and 18.48 dB for the mean image: objects
+    are drawn at their place and size.
+  * reconstruction colour score 0.35 (target 0.8; warm colours come back orange, blue / purple /
+    green faintly); generation colour score 0.19 (target 0.5, chance 0.17): generations are
+    one or two blobs on grey, mostly orange, whatever the prompt. Colour targets NOT reached.
+  * stage 1 sits on the flat-background plateau (20.2 dB) for ~700 steps; lr 3e-3 leaves it
+    later or never (README), the reference's loss mix never within the demo's length.
+  * 409 process CPU-s with the VAE step's compilation cached (6.4 min wall at load 4-6; cold adds
+    ~40 s of compile): estimated 4.5-6 min on an idle 2-core machine, not measured idle.
 """
 from fluxflow_jax import config_defaults as cd
 
@@ -55,7 +57,7 @@ def get_config(arg: str = ""):
     c.stages.vae_warmup = cd.stage(
         # SPADE from the start: samples and generations decode through the SPADE path.
         "vae_warmup", train=n(("vae", "spade"), ("vae",)), steps=n(1000, 12),
-        optimizers={"vae": adam(3e-3)}, schedulers={"vae": cosine(0.3)},
+        optimizers={"vae": adam(1e-3)}, schedulers={"vae": cosine(0.3)},
         loss={"kl_warmup_steps": 100, **vae_loss},
         stop_metric="vae_loss", stop_threshold=0.0, stop_window=20)
     c.stages.vae_gan = cd.stage(  # short: its compilation costs more than its steps
