@@ -79,4 +79,8 @@ def get_config(arg: str = ""):
     c.checkpoint.interval_steps = n(10000, 5)  # full size: checkpoints (and grids) at stage ends
     c.checkpoint.interval_minutes = 0.0
     c.samples.num_images = 4
+    # Held-out PSNR/SSIM (with the mean-image and background baselines) and, in the flow stage,
+    # the shapes colour/relation scores of generations, into the JSONL, TensorBoard and plots.
+    c.eval.interval_steps = n(400, 12)
+    c.eval.num_images = n(32, 4)
     return c

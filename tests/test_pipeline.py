@@ -167,6 +167,15 @@ def test_demo_leaves_every_artifact(demo_run):
     samples = sorted(p.name for p in (wd / "samples").glob("*.png"))
     assert any("recon" in s for s in samples) and any("_gen_" in s for s in samples)
     assert any((wd / "tb").rglob("events.out.tfevents*"))
+    # held-out evaluation during training lands in the JSONL beside its baselines
+    evals = {}
+    for stage in ps["finished"]:
+        for line in (wd / "graph" / f"training_metrics_{stage}.jsonl").read_text().splitlines():
+            evals.update({k: v for k, v in json.loads(line)["metrics"].items()
+                          if k.startswith("eval/")})
+    assert {"eval/psnr", "eval/ssim", "eval/psnr_mean_image", "eval/psnr_background",
+            "eval/color_score", "eval/relation_score"} <= set(evals), sorted(evals)
+    assert 0.0 <= evals["eval/color_score"] <= 1.0 and evals["eval/psnr"] > 0
     # global_step continues across stages
     last_vae = json.loads((wd / "graph/training_metrics_vae_warmup.jsonl").read_text()
                           .splitlines()[-1])["global_step"]
