@@ -34,6 +34,8 @@ def load_tokenizer(path: str | os.PathLike | None = None):
 
     A tokenizer without a pad token (GPT-2 style) gets ``pad = eos`` as in the reference.
     """
+    # Only the tokenizer is used: transformers' "PyTorch was not found" advice is noise here.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from transformers import AutoTokenizer  # heavy import, only when a tokenizer is needed
 
     if path is None or str(path) == "demo":
