@@ -116,8 +116,7 @@ def _check_needed(found: Mapping, needed: set[str], where: str, flag: str) -> No
 
 def _param_file_models(path: Path) -> set[str]:
     """Model names a param file of ours holds (from its metadata; no tensor is read)."""
-    with safe_open(str(path), "np") as h:
-        return set(json.loads((h.metadata() or {}).get("configs", "{}")))
+    return set(interop.param_file_configs(path))
 
 
 def _pick_stage(workdir: Path, config: Mapping, needed: set[str], stage: str | None) -> str:

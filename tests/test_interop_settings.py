@@ -14,7 +14,7 @@ import pytest
 from parity_utils import assert_close_ref, load_case, parity_dir
 from safetensors.numpy import save_file
 
-from fluxflow_jax import interop, train
+from fluxflow_jax import interop, weights
 from fluxflow_jax.convert import load_model_section
 from fluxflow_jax.data.tokenizer import DEMO_TOKENIZER_DIR, load_tokenizer
 from fluxflow_jax.interop.common import InteropError
@@ -59,8 +59,8 @@ def test_registry_ties_ctx_tokens_to_downscales():
     models = registry.build_models(MODEL, {"compressor", "expander", "flow"})
     assert models.flow.ctx_tokens == models.expander.ctx_tokens == 3
     # what exports store in their metadata
-    assert train.module_config(models.flow)["ctx_tokens"] == 3
-    assert train.module_config(models.expander)["ctx_tokens"] == 3
+    assert weights.module_config(models.flow)["ctx_tokens"] == 3
+    assert weights.module_config(models.expander)["ctx_tokens"] == 3
     assert registry.build_models({**MODEL, "ctx_tokens": 3}, {"flow"}).flow.ctx_tokens == 3
     with pytest.raises(ValueError, match=r"config.model.ctx_tokens=4 but downscales=3.*remove"):
         registry.build_models({**MODEL, "ctx_tokens": 4}, {"flow"})
@@ -68,7 +68,7 @@ def test_registry_ties_ctx_tokens_to_downscales():
 
 def test_loaded_config_must_agree_with_the_run_on_shapeless_settings():
     models = registry.build_models({**MODEL, "downscales": 4, "upscales": 4}, {"flow"})
-    built = train.module_config(models.flow)
+    built = weights.module_config(models.flow)
     interop.check_loaded_config("flow", dict(built), built, "x.safetensors")  # agrees
     with pytest.raises(InteropError, match=r"x.safetensors: flow.ctx_tokens=3 in the checkpoint "
                                            r"but 4 .*config.model.downscales"):

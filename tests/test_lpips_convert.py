@@ -26,7 +26,7 @@ from fluxflow_jax import lpips, optim, sharding, steps
 from fluxflow_jax.interop.lpips import convert_lpips
 from fluxflow_jax.interop.torch_pickle import LEGACY_MAGIC, TorchPickleError, load_torch_state_dict
 from fluxflow_jax.models import registry
-from fluxflow_jax.state import step_params
+from fluxflow_jax.state import create_train_state, step_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -214,9 +214,8 @@ def test_vae_step_with_converted_lpips(tmp_path, lp_params):
     for use in (True, False):
         cfg = {"use_lpips": use, "lpips_weights": str(weights), "lambda_lpips": 0.5,
                "adaptive_weights": False, "use_gan": False}
-        state = steps.make_train_state(models, jax.tree.map(jnp.array, params), {}, {"vae": tx},
-                                       ema=False)
-        sh = steps.state_shardings(state, mesh)
+        state = create_train_state(jax.tree.map(jnp.array, params), {"vae": tx})
+        sh = sharding.tree_shardings(state, mesh)
         step = steps.make_vae_step(models, tx, cfg, mesh, sh)
         _, m = step(jax.device_put(state, sh), batch, jax.random.key(1))
         metrics[use] = {k: float(v) for k, v in m.items()}

@@ -57,7 +57,7 @@ def test_plateau_drops_the_rate_and_survives_a_resume(tmp_path):
     ratios = [b / a for a, b in zip(lrs, lrs[1:])]
     assert all(r == pytest.approx(1.0) or r == pytest.approx(0.5) for r in ratios), ratios
     assert sum(r == pytest.approx(0.5) for r in ratios) >= 2
-    assert "plateau - lr scale now vae x0.5" in p.stdout
+    assert "plateau - lr scale now vae x0.5" in p.stdout + p.stderr
 
     part = tmp_path / "part"
     with open(tmp_path / "log.txt", "w") as log:

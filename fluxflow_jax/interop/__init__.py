@@ -299,6 +299,16 @@ def load_flax_params(path: PathLike) -> dict[str, tuple[dict, dict]]:
     return out
 
 
+def param_file_configs(path: PathLike) -> dict[str, dict]:
+    """``{model: config}`` of one of our param files, from its metadata only (no tensor read)."""
+    from safetensors import safe_open
+    with safe_open(str(path), "np") as f:
+        meta = f.metadata() or {}
+    if not _is_flax_meta(meta):
+        return {}
+    return json.loads(meta[FLAX_FORMAT] if FLAX_FORMAT in meta else meta.get("configs", "{}"))
+
+
 def _is_flax_meta(meta: Mapping[str, str]) -> bool:
     """Our param file: the FLAX_FORMAT key (or, before v0.2, ``format == FLAX_FORMAT``)."""
     return FLAX_FORMAT in meta or meta.get("format") == FLAX_FORMAT
