@@ -135,7 +135,7 @@ def run_generate(loaded: loading.Loaded, args: argparse.Namespace) -> dict:
     gen = sampling.Generator(loaded.models, tok, max_length=loading.max_length(loaded,
                              args.max_length), image_hw=image_hw, settings=settings, null=null,
                              negative=args.negative, rng_impl=rng_impl,
-                             use_context=loaded.use_context())
+                             use_context=_use_context(loaded, args))
     all_prompts = [p for p in prompts for _ in range(args.num)]
     images = gen(loaded.params, all_prompts, args.seed)
     out = Path(args.out)
@@ -147,7 +147,7 @@ def run_generate(loaded: loading.Loaded, args: argparse.Namespace) -> dict:
             "null": "negative prompt" if args.negative is not None else null,
             "size": f"{image_hw[1]}x{image_hw[0]}", "source": loaded.source,
             "stage": loaded.stage, "weights": loaded.weights, "rng_impl": rng_impl,
-            "files": files}
+            "spade_context": _use_context(loaded, args), "files": files}
     (out / "settings.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"wrote {len(files)} images, grid.png and settings.json to {out}")
     return info
@@ -158,7 +158,7 @@ def run_reconstruct(loaded: loading.Loaded, args: argparse.Namespace) -> dict[st
     multiple = max(16, 2 ** loaded.models.compressor.downscales)
     items = read_images(_need(args.images, "--images"), multiple)
     out = Path(_need(args.out, "--out"))
-    ctx = loaded.use_context()
+    ctx = _use_context(loaded, args)
     fn = jax.jit(lambda p, x: sampling.reconstruct(loaded.models, p, x, use_context=ctx))
     scores: dict[str, float] = {}
     for idx in _by_size(items).values():
@@ -217,7 +217,7 @@ def run_decode(loaded: loading.Loaded, args: argparse.Namespace) -> list[Path]:
     exp = loaded.models.expander
     lat = load_latents(_need(args.latents, "--latents"))
     out = Path(_need(args.out, "--out"))
-    ctx = loaded.use_context()
+    ctx = _use_context(loaded, args)
     fn = jax.jit(lambda p, x, hw: exp.apply({"params": p}, x, use_context=ctx, hw=hw),
                  static_argnums=2)
     written = []
@@ -236,6 +236,11 @@ def _need(value, flag: str):
     if not value:
         raise UserError(f"{flag} is required for this --mode")
     return value
+
+
+def _use_context(loaded: loading.Loaded, args: argparse.Namespace) -> bool:
+    """``--spade on|off``, else what the weights were trained with (``Loaded.use_context``)."""
+    return {"on": True, "off": False}.get(args.spade, loaded.use_context())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -257,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--guidance", type=float)
     ap.add_argument("--sampler", choices=sampling.SAMPLERS)
     ap.add_argument("--size", help="WxH, multiples of 16")
+    ap.add_argument("--spade", default="auto", choices=("auto", "on", "off"),
+                    help="decode with SPADE context: 'auto' = when the run trained it (reference "
+                         "files: on, as the reference decodes)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rng_impl", choices=RNG_IMPLS,
                     help="PRNG of the noise (default: the run's, else threefry2x32)")

@@ -102,8 +102,10 @@ def test_generate_from_reference_layout_files_equals_the_workdir(workdir, tmp_pa
         shutil.copy(workdir / "export" / "flow" / f, ref / f)
     common = [*GEN, "--sampler", "heun", "--steps", "2", "--guidance", "3", "--size", "32x16",
               "--rng_impl", "rbg", "--negative", "a blue circle"]
+    # bare reference files cannot tell whether SPADE was trained: they decode with it unless
+    # told; this run never trained it (no 'spade' stage), which --workdir knows by itself
     _ok(_run("generate", "--checkpoint", ref / "flxflow_final.safetensors", "--checkpoint",
-             ref / "text_encoder.safetensors", "--tokenizer", "demo", *common,
+             ref / "text_encoder.safetensors", "--tokenizer", "demo", "--spade", "off", *common,
              "--out", tmp_path / "ckpt"))
     _ok(_run("generate", "--workdir", workdir, "--weights", "raw", *common,
              "--out", tmp_path / "wd"))
@@ -113,6 +115,8 @@ def test_generate_from_reference_layout_files_equals_the_workdir(workdir, tmp_pa
         assert np.abs(a[k].astype(int) - b[k]).max() <= 1, k
     s = json.loads((tmp_path / "ckpt" / "settings.json").read_text())
     assert s["null"] == "negative prompt" and s["size"] == "32x16" and s["weights"] == "raw"
+    assert s["spade_context"] is False
+    assert json.loads((tmp_path / "wd" / "settings.json").read_text())["spade_context"] is False
     # the export folder inside the workdir finds the run's tokenizer and defaults itself
     _ok(_run("generate", "--export", workdir / "export" / "flow" / "ema", *GEN,
              "--out", tmp_path / "exp"))
