@@ -359,13 +359,18 @@ def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | N
                     state = apply_lr_scales(state, changed)
                     pbar.write(f"[{name}] step {step}: plateau - lr scale now " + ", ".join(
                         f"{g} x{v:.3g}" for g, v in changed.items()))
-            if step % int(config.log_interval) == 0 or step == st.total_steps:
-                host = host or _host_metrics(step_metrics)
+            ev = {}
+            if evaluator is not None and step % int(config.eval.interval_steps) == 0:
+                ev = evaluator(sampling.sampling_params(state.params, state.ema))
+                pbar.write(f"[{name}] step {step}: " + " ".join(
+                    f"{k.split('/', 1)[-1]}={v:.4g}" for k, v in ev.items()))
+            if ev or step % int(config.log_interval) == 0 or step == st.total_steps:
+                host = {**(host or _host_metrics(step_metrics)), **ev}  # one row per step
                 now = time.monotonic()
                 batch_time = (now - last_log_t) / max(1, step - last_log_step)
                 last_log_t, last_log_step = now, step
                 lrs = {k.split("/", 1)[-1]: v for k, v in host.items() if k.startswith("learning/")}
-                ref = {k: v for k, v in host.items() if "/" not in k}
+                ref = {k: v for k, v in host.items() if "/" not in k or k in ev}
                 for k, v in host.items():
                     history.setdefault(k, []).append(v if math.isfinite(v) else None)
                     del history[k][:-1000]
@@ -383,13 +388,6 @@ def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | N
                     stopped = reason
                     print(f"\n[{name}] stop condition met at step {step}: {reason}", flush=True)
                     break
-            if evaluator is not None and step % int(config.eval.interval_steps) == 0:
-                ev = evaluator(sampling.sampling_params(state.params, state.ema))
-                writer.write(offset + step, 0, step - 1, ev, {}, {"stage_step": step})
-                for k, v in ev.items():
-                    history.setdefault(k, []).append(v if math.isfinite(v) else None)
-                pbar.write(f"[{name}] step {step}: " + " ".join(
-                    f"{k.split('/', 1)[-1]}={v:.4g}" for k, v in ev.items()))
             if checkpointer.should_save(step):
                 save(False, "interval")
                 if samples is not None:

@@ -232,7 +232,8 @@ def test_stage_sample_maker_writes_readable_grids(tiny, tmp_path):
     first = arr[2:66, label_w + 2:label_w + 66]
     assert (first[::4, ::4] == first[1::4, 1::4]).all()  # nearest-neighbour 4x blocks
     with Image.open(tmp_path / "samples" / "flow_gen_step000007.png") as im:
-        assert im.size[0] == 2 * (64 + 2) + 2 and im.size[1] > 64 + 2  # caption strip below
+        k = len(config.stages.flow.sample_prompts)  # one captioned column per prompt
+        assert im.size[0] == k * (64 + 2) + 2 and im.size[1] > 64 + 2  # caption strip below
 
 
 def test_samples_decode_with_spade_context_only_after_a_spade_stage(tiny):
