@@ -33,6 +33,7 @@ def _config_args(tmp_path: Path) -> list[str]:
         "from fluxflow_jax import config_defaults as cd\n"
         "def get_config(arg=''):\n"
         "    c = demo.get_config('test')\n"
+        "    c.stages.vae_warmup.optimizers.vae.lr = 2e-3\n"
         "    c.stages.vae_warmup.schedulers.vae = cd.scheduler('ReduceLROnPlateau', factor=0.5,\n"
         "        patience=2, metric='kl_beta', step_every=1)\n"
         "    return c\n")
