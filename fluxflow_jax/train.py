@@ -275,7 +275,7 @@ def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | N
     samples = (sampling.stage_sample_maker(config, name, st.models, st.tokenizer, workdir)
                if config.samples.enabled and not st.cfg.latent_cache else None)
     evaluator = None
-    if int(config.eval.interval_steps) > 0 and jax.process_index() == 0:
+    if int(config.eval.interval_steps) > 0:  # on every host: fsdp weights are gathered by all
         evaluator, _ = evaluate.make_evaluator(
             config, st.models, st.tokenizer, st.cfg, num=int(config.eval.num_images),
             lpips_weights=config.eval.lpips_weights or None)
@@ -311,7 +311,7 @@ def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | N
         if samples is not None and step == 0:
             samples.make(sampling.sampling_params(state.params, state.ema), step)
         while step < st.total_steps:
-            req = controls.poll()
+            req = controls_lib.agree(controls.poll())
             if req["signal"] or req["stop"]:
                 why = "signal" if req["signal"] else ".stop file"
                 save(True, why)
@@ -361,7 +361,8 @@ def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | N
                         f"{g} x{v:.3g}" for g, v in changed.items()))
             ev = {}
             if evaluator is not None and step % int(config.eval.interval_steps) == 0:
-                ev = evaluator(sampling.sampling_params(state.params, state.ema))
+                ev = controls_lib.same_on_every_process(
+                    evaluator(sampling.sampling_params(state.params, state.ema)))
                 pbar.write(f"[{name}] step {step}: " + " ".join(
                     f"{k.split('/', 1)[-1]}={v:.4g}" for k, v in ev.items()))
             if ev or step % int(config.log_interval) == 0 or step == st.total_steps:
