@@ -282,6 +282,11 @@ def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | N
     result = {"stage": name, "step": step, "total_steps": st.total_steps}
     max_bad = int(config.max_nonfinite_in_a_row)
 
+    def make_samples() -> None:  # grids to samples/ and TensorBoard (weights gathered by all hosts)
+        if samples is not None:
+            writer.images(offset + step, samples.make(
+                sampling.sampling_params(state.params, state.ema), step))
+
     def save(force: bool, reason: str = "") -> bool:
         if not bool(_params_finite(state.params)):  # never write a non-finite state over a good one
             raise FloatingPointError(f"stage {name!r} step {step}: parameters are not finite; "
@@ -308,8 +313,8 @@ def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | N
     stopped = None
     nonfinite_seen, bad_in_a_row = int(state.nonfinite), 0
     try:
-        if samples is not None and step == 0:
-            samples.make(sampling.sampling_params(state.params, state.ema), step)
+        if step == 0:
+            make_samples()
         while step < st.total_steps:
             req = controls_lib.agree(controls.poll())
             if req["signal"] or req["stop"]:
@@ -321,8 +326,7 @@ def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | N
                 break
             if req["checkpoint"]:
                 save(True, ".checkpoint file")
-                if samples is not None:
-                    samples.make(sampling.sampling_params(state.params, state.ema), step)
+                make_samples()
             batch = next(st.loader)
             gbatch = sharding.put_batch(batch, st.mesh)
             step_metrics = {}
@@ -391,8 +395,7 @@ def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | N
                     break
             if checkpointer.should_save(step):
                 save(False, "interval")
-                if samples is not None:
-                    samples.make(sampling.sampling_params(state.params, state.ema), step)
+                make_samples()
     except FloatingPointError as e:
         result.update(step=step, diverged=True, reason=str(e))
     pbar.close()
@@ -404,8 +407,7 @@ def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | N
             result["stop_requested"] = True
         save(True, stopped or "end of stage")
         checkpointer.wait_until_finished()
-        if samples is not None:
-            samples.make(sampling.sampling_params(state.params, state.ema), step)
+        make_samples()
         weights.save_stage(workdir, name, st.models, state, carried)
         if jax.process_index() == 0 and config.plots:
             plots.make_plots(workdir, name)
