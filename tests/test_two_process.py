@@ -301,3 +301,41 @@ def test_two_process_a_dead_host_stops_the_other_within_the_heartbeat(tmp_path):
     text = log0.read_text()
     assert rc != 0 and waited < 90, (rc, waited, text[-3000:])
     assert "stopped sending heartbeats" in text and "another task died" in text, text[-3000:]
+
+
+DAMAGED_SCRIPT = """
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from pathlib import Path
+pid, port, out, directory = int(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4])
+jax.distributed.initialize(f"127.0.0.1:{port}", 2, pid, initialization_timeout=600)
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from fluxflow_jax import checkpoint
+mesh = Mesh(np.asarray(jax.devices()), ("data",))
+w = jax.device_put(jnp.arange(4.0), NamedSharding(mesh, P("data")))
+with checkpoint.Checkpointer(directory, async_save=False) as ck:
+    for s in (1, 2):
+        ck.save(s, {"w": w + s}, {}, {"m": s}, force=True)
+multihost_utils.sync_global_devices("saved")
+if pid == 0:  # the shared step-2 folder gets half-copied: every file truncated
+    for f in (directory / "2").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"")
+multihost_utils.sync_global_devices("damaged")
+with checkpoint.Checkpointer(directory, async_save=False) as ck:
+    state, _, meta = ck.restore({"w": w})
+    steps = ck.all_steps()
+got = multihost_utils.process_allgather(state["w"], tiled=True)
+json.dump({"meta": meta, "steps": steps, "w": np.asarray(got).tolist()}, open(out, "w"))
+"""
+
+
+def test_two_process_damaged_checkpoint_falls_back_on_every_host(tmp_path):
+    """Both hosts find the shared latest step unreadable: one moves it aside, both restore the
+    previous step (no host crashes on a folder the other already moved)."""
+    res = _launch_pair(tmp_path, DAMAGED_SCRIPT, str(tmp_path / "ck"), devices=2)
+    for r in res:
+        assert r == {"meta": {"m": 1}, "steps": [1], "w": [1.0, 2.0, 3.0, 4.0]}
+    moved = list((tmp_path / "ck.damaged").iterdir())
+    assert len(moved) == 1 and moved[0].name.startswith("2-")
