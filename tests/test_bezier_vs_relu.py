@@ -35,7 +35,8 @@ def test_bezier_vs_relu_writes_results_and_plots(experiment):
     assert rc == 0
     assert set(res["variants"]) == {"bezier", "relu_params"}
     assert res["setup"]["steps"] == 6 and res["setup"]["seeds"] == [0]
-    for name in ("psnr", "ssim", "loss", "final_psnr", "step_time", "memory", "params"):
+    for name in ("psnr", "ssim", "loss", "final_psnr", "step_time", "step_time_bench", "memory",
+                 "params"):
         png = out / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     for v, s in res["variants"].items():
@@ -48,7 +49,7 @@ def test_bezier_vs_relu_writes_results_and_plots(experiment):
         assert psnr["n"] == 1 and math.isfinite(psnr["mean"]) and 5.0 < psnr["mean"] < 60.0
         assert 0.0 < s["final"]["ssim"]["mean"] <= 1.0
         assert s["step_time_s"]["mean"] > 0.0
-        assert s["memory"]["peak_bytes"] > 0
+        assert s["memory"]["peak_bytes"] > 0 and s["memory"]["bench_step_s"] > 0
         assert s["stability"]["0"]["diverged"] is False
         assert math.isfinite(s["baselines_db"]["psnr_background"])
 
@@ -95,3 +96,33 @@ def test_bezier_vs_relu_summary_functions():
     assert analysis.dead_from_step(dead) == 10
     dead[-1]["metrics"]["grad_norm_vae"] = 0.3  # learning again at the end: not dead
     assert analysis.dead_from_step(dead) is None
+
+
+def test_vae_head_activation_reaches_the_models_and_is_validated():
+    """model.vae_head_activation='identity' lets a ReLU VAE output negative pixels (its RGB site
+    is linear); the default '' keeps the ReLU there (outputs >= 0); a bad value is refused."""
+    import jax
+    import jax.numpy as jnp
+
+    from fluxflow_jax import stages
+    from fluxflow_jax.models import registry
+
+    sys.path.insert(0, str(EXP))
+    try:
+        variants = importlib.import_module("variants")
+    finally:
+        sys.path.remove(str(EXP))
+    outs = {}
+    for head in ("", "identity"):
+        cfg = variants.make_config("tiny", "relu", 8, 0, steps=1, head=head)
+        ms = registry.build_models(cfg.model, {"compressor", "expander"})
+        assert ms.compressor.head_activation == ms.expander.head_activation == head
+        params, _ = registry.init_params(ms, jax.random.key(1), image_hw=(16, 16))
+        assert "rgb_activation" not in params["expander"]  # neither ReLU nor identity has params
+        packed = jax.random.normal(jax.random.key(2), (2, 4 * 4 + 1, 8))
+        packed = packed.at[:, -1].set(0.0)
+        outs[head] = ms.expander.apply({"params": params["expander"]}, packed, hw=(4, 4))
+    assert float(jnp.min(outs[""])) >= 0.0
+    assert float(jnp.min(outs["identity"])) < 0.0
+    bad = variants.make_config("tiny", "relu", 8, 0, steps=1, head="linear")
+    assert any("model.vae_head_activation" in e for e in stages.validate_config(bad))

@@ -25,6 +25,7 @@ sys.path[:0] = [str(_HERE), str(_HERE.parents[1])]  # sibling modules; configs/ 
 
 import analysis
 import jax
+import numpy as np
 import variants as V
 
 from fluxflow_jax import data as data_lib
@@ -50,12 +51,15 @@ def train_one(config, workdir: Path) -> dict:
     return state
 
 
-def step_memory(config) -> dict:
-    """Bytes XLA reserves for one compiled VAE train step (the pipeline's own jitted step).
+def step_cost(config, timed_steps: int = 30) -> dict:
+    """Memory and time of one compiled VAE train step (the pipeline's own jitted step).
 
     ``peak_bytes`` = arguments + outputs + temporaries - aliased (donated state): the step's
-    device-memory high-water mark as the compiler plans it, independent of the machine's load. The
-    compilation comes from the persistent cache when the training run filled it."""
+    device-memory high-water mark as the compiler plans it, independent of the machine's load.
+    ``bench_step_s``: median of ``timed_steps`` steps on one batch after compilation - all variants
+    are timed back to back at the end, so they share the load of the same few minutes (the in-run
+    step times span the whole experiment's changing load). The compilation comes from the
+    persistent cache when the training run filled it."""
     st = train.build_stage(config, V.STAGE)
     params, spectral, _ = weights.initial_variables(config, st.models, st.rng, V.STAGE, None,
                                                     st.model_cfg)
@@ -64,13 +68,22 @@ def step_memory(config) -> dict:
     state = jax.device_put(state, shardings)
     fns = train.make_step_fns(st, txs, shardings)
     batch = sharding.put_batch(next(st.loader), st.mesh)
-    ma = fns["vae"].lower(state, batch, st.rng).compile().memory_analysis()
+    compiled = fns["vae"].lower(state, batch, st.rng).compile()
+    ma = compiled.memory_analysis()
+    times = []
+    for _ in range(timed_steps + 1):  # the first call warms up
+        t0 = time.perf_counter()
+        state, m = compiled(state, batch, st.rng)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
     close = getattr(st.loader, "close", None)
     if close is not None:
         close()
     parts = {k: int(getattr(ma, f"{k}_size_in_bytes", 0) or 0)
              for k in ("argument", "output", "temp", "alias", "generated_code")}
     parts["peak_bytes"] = parts["argument"] + parts["output"] + parts["temp"] - parts["alias"]
+    parts["bench_step_s"] = float(np.median(times[1:]))
+    parts["bench_steps"] = timed_steps
     return parts
 
 
@@ -115,7 +128,8 @@ def main(argv=None) -> int:
     # Seeds outer: an experiment cut short still compares every variant on the same seeds.
     for seed in a.seeds:
         for v, p in the_plan.items():
-            cfg = V.make_config(a.size, p["activation"], p["vae_dim"], seed, steps)
+            cfg = V.make_config(a.size, p["activation"], p["vae_dim"], seed, steps,
+                                  head=V.head_of(v))
             w = run_dir(out, v, seed)
             print(f"[bvr] {v} seed {seed} -> {w}", flush=True)
             ps = train_one(cfg, w)
@@ -123,8 +137,9 @@ def main(argv=None) -> int:
                 w / "wall.json").exists() else None
             runs[v]["seeds"][seed] = {"rows": read_rows(w), "pipeline": ps, "wall_s": wall}
     for v, p in the_plan.items():
-        cfg = V.make_config(a.size, p["activation"], p["vae_dim"], a.seeds[0], steps)
-        runs[v]["memory"] = step_memory(cfg)
+        cfg = V.make_config(a.size, p["activation"], p["vae_dim"], a.seeds[0], steps,
+                              head=V.head_of(v))
+        runs[v]["memory"] = step_cost(cfg, 30 if a.size != "tiny" else 3)
     results = analysis.summarize(the_plan, runs, threshold=a.threshold, steps=steps)
     results["setup"] = {
         "size": a.size, "steps": steps, "seeds": a.seeds, "threshold_db": a.threshold,

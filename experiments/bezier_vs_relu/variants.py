@@ -1,14 +1,20 @@
 """Configs of the Bezier-vs-ReLU/SiLU experiment and the two ways of matching the variants.
 
-A variant is ``(activation, vae_dim)``. Two matchings are run because they differ:
+A variant is ``(activation, head activation, vae_dim)``. Two matchings are run because they differ:
 
 * equal width (``relu``, ``silu``): the same ``vae_dim`` as Bezier. A Bezier site's feeding layer
   is 5x wide (``bezier.act_width``), the ablation's 1x, so these models have fewer parameters.
 * equal parameters (``relu_params``, ``silu_params``): ``vae_dim`` widened to the value whose
   parameter count is nearest Bezier's (found by counting, not by formula, so every layer counts).
 
+Heads: the reference puts a trainable Bezier on the VAE's output sites (latent mean and
+log-variance, RGB). ``model.activation`` alone turns those into the ablation's activation too, so
+``relu``/``silu`` clamp the RGB output to [0, inf) / [-0.28, inf) while the images span [-1, 1].
+The ``*_lin`` variants set ``model.vae_head_activation='identity'``: linear heads, as a standard
+ReLU/SiLU VAE has them (no parameters there either, so the counts equal the plain ablation's).
+
 Everything else - data, seed, steps, optimizer, loss, evaluation - is the same config; only
-``model.activation`` and ``model.vae_dim`` differ. Parameter counts come from ``jax.eval_shape``
+``model.activation``, ``model.vae_head_activation`` and ``model.vae_dim`` differ. Parameter counts come from ``jax.eval_shape``
 of the registry's own initialiser (no compute).
 """
 from __future__ import annotations
@@ -24,8 +30,8 @@ from fluxflow_jax import config_defaults as cd
 from fluxflow_jax.models import registry
 
 STAGE = "vae"
-MATCHED = ("relu_params", "silu_params")
-VARIANTS = ("bezier", "relu", "silu") + MATCHED
+VARIANTS = ("bezier", "relu", "silu", "relu_params", "silu_params",
+            "relu_lin", "silu_lin", "relu_lin_params", "silu_lin_params")
 
 # Model/data/run lengths per size. 'cpu': the experiment's real size (32 px shapes, 8x8 latent grid
 # - downscales 3 never leaves the flat-background plateau at this size, experiments/shapes_t2i).
@@ -46,6 +52,16 @@ def activation_of(variant: str) -> str:
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
     return variant.split("_")[0]
+
+
+def head_of(variant: str) -> str:
+    """The model.vae_head_activation of a variant: 'identity' for ``*_lin``, else ''."""
+    return "identity" if "_lin" in variant else ""
+
+
+def is_matched(variant: str) -> bool:
+    """Whether the variant's width is chosen for Bezier's parameter count."""
+    return variant.endswith("_params")
 
 
 def stage_config(size: str, steps: int) -> mlc.ConfigDict:
@@ -69,13 +85,14 @@ def stage_config(size: str, steps: int) -> mlc.ConfigDict:
 
 
 def make_config(size: str, activation: str, vae_dim: int, seed: int,
-                steps: int | None = None) -> mlc.ConfigDict:
+                steps: int | None = None, head: str = "") -> mlc.ConfigDict:
     """One run's pipeline config: a single VAE stage on procedural shapes, held-out eval on."""
     z = SIZES[size]
     steps = int(steps or z["steps"])
     c = cd.base_config()
     c.model = cd.model_config("phase1" if size == "phase1" else "tiny")
     c.model.activation = activation
+    c.model.vae_head_activation = head
     c.model.vae_dim = int(vae_dim)
     c.model.downscales = c.model.upscales = z["downscales"]
     c.model.vae_attn_layers, c.model.vae_attn_heads = z["attn_layers"], z["attn_heads"]
@@ -98,28 +115,29 @@ def make_config(size: str, activation: str, vae_dim: int, seed: int,
     return c
 
 
-def vae_param_count(size: str, activation: str, vae_dim: int) -> int:
+def vae_param_count(size: str, activation: str, vae_dim: int, head: str = "") -> int:
     """Parameters of compressor + expander (SPADE included), counted on abstract shapes."""
-    c = make_config(size, activation, vae_dim, 0, steps=1)
+    c = make_config(size, activation, vae_dim, 0, steps=1, head=head)
     models = registry.build_models(c.model, {"compressor", "expander"})
     shapes = jax.eval_shape(lambda k: registry.init_params(models, k, image_hw=(32, 32))[0],
                             jax.random.key(0, impl="rbg"))
     return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
 
 
-def matched_width(size: str, activation: str, target: int, step: int = 2) -> tuple[int, int]:
+def matched_width(size: str, activation: str, target: int, step: int = 2,
+                  head: str = "") -> tuple[int, int]:
     """``(vae_dim, params)`` of the ``activation`` model whose count is nearest ``target``.
 
     Widths move in steps of ``step`` (the attention head count must divide vae_dim); widths the
     model refuses (group norms of min(32, C) groups need C divisible by it above 32) are skipped.
     The count grows monotonically with the width, so the search stops once it passes the target."""
     base = SIZES[size]["vae_dim"]
-    best = (base, vae_param_count(size, activation, base))
+    best = (base, vae_param_count(size, activation, base, head))
     d = base
     while best[1] < target and d < 64 * base:
         d += step
         try:
-            n = vae_param_count(size, activation, d)
+            n = vae_param_count(size, activation, d, head)
         except ValueError:  # an invalid width for this architecture
             continue
         if abs(n - target) < abs(best[1] - target):
@@ -130,25 +148,30 @@ def matched_width(size: str, activation: str, target: int, step: int = 2) -> tup
 
 
 def plan(size: str, variants: list[str]) -> dict[str, dict]:
-    """``{variant: {activation, vae_dim, params, matching}}`` for the requested variants."""
+    """``{variant: {activation, head, vae_dim, params, matching}}`` for the requested variants.
+    Widths and counts are computed once per (activation, head, matching) and shared."""
     base = SIZES[size]["vae_dim"]
     step = SIZES[size]["attn_heads"]
     bezier_params = vae_param_count(size, "bezier", base)
+    memo: dict[tuple, tuple[int, int]] = {}
     out: dict[str, dict] = {}
     for v in variants:
-        act = activation_of(v)
-        if v in MATCHED:
-            d, n = matched_width(size, act, bezier_params, step)
-            how = "equal parameters"
-        else:
-            d, n = base, (bezier_params if act == "bezier" else vae_param_count(size, act, base))
-            how = "reference" if act == "bezier" else "equal width"
-        out[v] = {"activation": act, "vae_dim": d, "params": n, "matching": how,
-                  "bezier_params": bezier_params}
+        act, head = activation_of(v), head_of(v)
+        key = (act, head, is_matched(v))
+        if key not in memo:
+            memo[key] = (matched_width(size, act, bezier_params, step, head) if is_matched(v)
+                         else (base, bezier_params if act == "bezier"
+                               else vae_param_count(size, act, base, head)))
+        d, n = memo[key]
+        how = ("equal parameters" if is_matched(v) else
+               "reference" if act == "bezier" else "equal width")
+        out[v] = {"activation": act, "head": head or act, "vae_dim": d, "params": n,
+                  "matching": how, "bezier_params": bezier_params}
     return out
 
 
 def describe(p: Mapping[str, dict]) -> str:
     """One line per variant, for the console and the README."""
-    return "\n".join(f"  {v:<12} activation={q['activation']:<6} vae_dim={q['vae_dim']:<4} "
+    return "\n".join(f"  {v:<16} activation={q['activation']:<6} heads={q['head']:<8} "
+                     f"vae_dim={q['vae_dim']:<4} "
                      f"params={q['params']:>9,} ({q['matching']})" for v, q in p.items())
