@@ -183,10 +183,10 @@ def _pm(s: Mapping, fmt: str = "{:.2f}") -> str:
 def table(results: Mapping) -> str:
     """The README's table (markdown): one row per variant."""
     th = results["threshold_db"]
-    head = ("| variant | matching | vae_dim | params | final PSNR dB | final SSIM | "
+    head = ("| variant | heads | matching | vae_dim | params | final PSNR dB | final SSIM | "
             f"steps to {th:g} dB | step ms in run | step ms bench | peak step memory MiB | "
             "NaN / spikes | dead seeds |")
-    rows = [head, "|" + "---|" * 12]
+    rows = [head, "|" + "---|" * 13]
     for v, s in results["variants"].items():
         st = s["steps_to_threshold"]
         reach = (f"{st['mean']:.0f} ({st['reached']}/{st['of']} seeds)" if st["reached"]
@@ -203,10 +203,10 @@ def table(results: Mapping) -> str:
                 if x.get("dead_from_step") is not None]
         dead_s = (f"{len(dead)}/{len(s['stability'])} (from step {min(dead)}-{max(dead)})"
                   if dead else "0")
-        rows.append(f"| {v} | {s['matching']} | {s['vae_dim']} | {s['params']:,} | "
+        rows.append(f"| {v} | {s.get('head', '-')} | {s['matching']} | {s['vae_dim']} | {s['params']:,} | "
                     f"{_pm(s['final']['psnr'])} | {_pm(s['final']['ssim'], '{:.3f}')} | {reach} | "
                     f"{ms} | {mem / 2**20:.1f} | {nan} / {spikes} | {dead_s} |" if mem is not None else
-                    f"| {v} | {s['matching']} | {s['vae_dim']} | {s['params']:,} | "
+                    f"| {v} | {s.get('head', '-')} | {s['matching']} | {s['vae_dim']} | {s['params']:,} | "
                     f"{_pm(s['final']['psnr'])} | {_pm(s['final']['ssim'], '{:.3f}')} | {reach} | "
                     f"{ms} | - | {nan} / {spikes} | {dead_s} |")
     return "\n".join(rows)

@@ -38,12 +38,15 @@ def run_dir(out: Path, variant: str, seed: int) -> Path:
     return out / "runs" / variant / f"seed{seed}"
 
 
+def is_finished(workdir: Path) -> bool:
+    return V.STAGE in wd.read_pipeline_state(workdir, [V.STAGE]).get("finished", [])
+
+
 def train_one(config, workdir: Path) -> dict:
     """Train one (variant, seed) through the pipeline; returns its pipeline state plus wall time.
     A finished run is read back, not retrained."""
-    state = wd.read_pipeline_state(workdir, [V.STAGE])
-    if V.STAGE in state.get("finished", []):
-        return {**state, "resumed": True}
+    if is_finished(workdir):
+        return {**wd.read_pipeline_state(workdir, [V.STAGE]), "resumed": True}
     t0 = time.monotonic()
     state = pipeline.run(config, workdir)
     state["wall_s"] = time.monotonic() - t0
@@ -106,6 +109,9 @@ def parse_args(argv):
     ap.add_argument("--compilation_cache", default=None,
                     help="persistent XLA cache dir ('none' disables; default as training)")
     ap.add_argument("--plan_only", action="store_true", help="print widths and counts, train nothing")
+    ap.add_argument("--analyze_only", action="store_true",
+                    help="train nothing: results from the finished runs under --out (unfinished "
+                         "ones are listed in results.json as missing)")
     a = ap.parse_args(argv)
     a.seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     a.variants = [v.strip() for v in a.variants.split(",") if v.strip()]
@@ -125,18 +131,25 @@ def main(argv=None) -> int:
         return 0
     steps = a.steps or V.SIZES[a.size]["steps"]
     runs: dict[str, dict] = {v: {"seeds": {}} for v in the_plan}
+    missing: list[str] = []
     # Seeds outer: an experiment cut short still compares every variant on the same seeds.
     for seed in a.seeds:
         for v, p in the_plan.items():
             cfg = V.make_config(a.size, p["activation"], p["vae_dim"], seed, steps,
                                   head=V.head_of(v))
             w = run_dir(out, v, seed)
+            if a.analyze_only and not is_finished(w):
+                missing.append(f"{v}/seed{seed}")
+                continue
             print(f"[bvr] {v} seed {seed} -> {w}", flush=True)
             ps = train_one(cfg, w)
             wall = json.loads((w / "wall.json").read_text())["wall_s"] if (
                 w / "wall.json").exists() else None
             runs[v]["seeds"][seed] = {"rows": read_rows(w), "pipeline": ps, "wall_s": wall}
+    runs = {v: r for v, r in runs.items() if r["seeds"]}
     for v, p in the_plan.items():
+        if v not in runs:
+            continue
         cfg = V.make_config(a.size, p["activation"], p["vae_dim"], a.seeds[0], steps,
                               head=V.head_of(v))
         runs[v]["memory"] = step_cost(cfg, 30 if a.size != "tiny" else 3)
@@ -145,6 +158,7 @@ def main(argv=None) -> int:
         "size": a.size, "steps": steps, "seeds": a.seeds, "threshold_db": a.threshold,
         "command": "python experiments/bezier_vs_relu/run.py " + " ".join(argv or sys.argv[1:]),
         "size_settings": V.SIZES[a.size], "machine": analysis.machine(),
+        "missing_runs": missing,
         "dataset": json.loads(data_lib.redacted_json(V.make_config(a.size, "bezier", 8, 0, 1).datasets)),
         "stage": V.make_config(a.size, "bezier", 8, 0, steps).stages[V.STAGE].to_dict(),
     }
