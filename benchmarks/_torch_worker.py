@@ -207,10 +207,10 @@ def bench(spec: dict, out_path: Path) -> dict:
                        if id(p) in all_trained))
     bf16 = spec.get("dtype", "float32") == "bfloat16"
     every = [p for mod in modules.values() for p in mod.parameters()]
-    times, losses = [], []
+    times, cpu, losses = [], [], []
     partial = Path(str(out_path) + ".partial")
     for _ in range(int(spec["warmup"]) + int(spec["steps"])):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for (names, loss_fn), opt, ps in zip(parts, opts, trained):
             mine = {id(p) for p in ps}
             for p in every:  # only this part's modules get gradients
@@ -222,9 +222,11 @@ def bench(spec: dict, out_path: Path) -> dict:
             opt.step()
             losses.append(float(loss.item()))
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         partial.write_text(json.dumps({"times_s": times, "peak_rss": peak_rss()}))
     # loss0: the last part's loss of the first iteration (what our side reports too).
-    return {"times_s": times[int(spec["warmup"]):], "loss0": losses[len(parts) - 1],
+    return {"times_s": times[int(spec["warmup"]):], "cpu_s": cpu[int(spec["warmup"]):],
+            "loss0": losses[len(parts) - 1],
             "losses": losses,
             "n_params": n_params, "peak_rss": peak_rss()}
 

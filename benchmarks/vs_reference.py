@@ -128,13 +128,15 @@ class Ours:
                 self.params, self.opt_states[i], self.extra, key)
         return float(jax.block_until_ready(loss))
 
-    def time(self, warmup: int, steps: int) -> list[float]:
-        times = []
+    def time(self, warmup: int, steps: int) -> tuple[list[float], list[float]]:
+        """``(wall s, process CPU s)`` per timed iteration (CPU: all threads of this process)."""
+        times, cpu = [], []
         for _ in range(warmup + steps):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             self.run()
             times.append(time.perf_counter() - t0)
-        return times[warmup:]
+            cpu.append(time.process_time() - c0)
+        return times[warmup:], cpu[warmup:]
 
 
 def save_worker_inputs(ours: Ours, tmp: Path) -> None:
@@ -188,14 +190,16 @@ def run_case(name: str, dtype: str, args, tmp: Path, peak: dict) -> dict:
     st = ours.compile()
     loss0 = ours.run()
     save_worker_inputs(ours, tmp)
-    t_ours, t_ref, ref = [], [], {}
+    t_ours, t_ref, c_ours, c_ref, ref = [], [], [], [], {}
     for _ in range(args.rounds):
-        t_ours += ours.time(args.warmup, args.steps)
+        wall, cpu = ours.time(args.warmup, args.steps)
+        t_ours, c_ours = t_ours + wall, c_ours + cpu
         ref = time_reference(case, args, tmp, "fixed", dtype, args.warmup, args.steps,
                              args.worker_timeout)
         if ref.get("capped"):
             raise RuntimeError(f"case {name}: the fixed reference ran past --worker_timeout")
         t_ref += ref["times_s"]
+        c_ref += ref["cpu_s"]
     if ref["n_params"] != ours.n_params:
         raise RuntimeError(f"case {name}: the reference trains {ref['n_params']} parameters, "
                            f"ours {ours.n_params}: not the same model")
@@ -211,6 +215,11 @@ def run_case(name: str, dtype: str, args, tmp: Path, peak: dict) -> dict:
             "config": case["config"], "batch": case["batch"],
             "ours_ms": round(1e3 * med_o, 2), "ref_ms": round(1e3 * med_r, 2),
             "ratio_ref_over_ours": round(med_r / med_o, 3),
+            # CPU seconds per iteration: less sensitive to other processes than wall time at
+            # --threads 1 (at 2 threads torch's OpenMP spin-waits count as CPU time too).
+            "ours_cpu_ms": round(1e3 * float(np.median(c_ours)), 2),
+            "ref_cpu_ms": round(1e3 * float(np.median(c_ref)), 2),
+            "ratio_cpu": round(float(np.median(c_ref)) / float(np.median(c_ours)), 3),
             "ours_min_ms": round(1e3 * float(np.min(t_ours)), 2),
             "ref_min_ms": round(1e3 * float(np.min(t_ref)), 2),
             "ref_shipped_ms": None if shipped_ms is None else round(shipped_ms, 1),
@@ -338,7 +347,8 @@ def main(argv=None) -> int:
                 rows.append(r)
                 print(f"  {name:14s} {dtype:8s} ours {_measure.fmt_ms(r['ours_ms']):>8s}  ref "
                       f"{_measure.fmt_ms(r['ref_ms']):>8s} (shipped "
-                      f"{_measure.shipped_cell(r)})  ref/ours {r['ratio_ref_over_ours']:5.2f}  "
+                      f"{_measure.shipped_cell(r)})  ref/ours {r['ratio_ref_over_ours']:5.2f} (CPU "
+                      f"{r['ratio_cpu']:5.2f})  "
                       f"compile {r['ours_compile_s']:5.1f} s  loss0 {r['ours_loss0']:.5f} / "
                       f"{r['ref_loss0']:.5f}", flush=True)
         dynamics = None
