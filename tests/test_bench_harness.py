@@ -9,9 +9,9 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
-import _cases  # noqa: E402
-import _measure  # noqa: E402
-import vs_reference  # noqa: E402
+import _cases
+import _measure
+import vs_reference
 
 
 def test_suites_name_known_cases_with_labels():
