@@ -1,7 +1,7 @@
 """fluxflow_jax vs the PyTorch reference: training-iteration time, FLOPs, % of peak and memory
 of the same models on the same CPU, side by side.
 
-    python benchmarks/vs_reference.py --suite small              # CI size, ~10 min on 2 cores
+    python benchmarks/vs_reference.py --suite small     # CI size: 25 min on the loaded 2-core VM
     python benchmarks/vs_reference.py --suite full --readme      # the issue's sizes (long)
     python benchmarks/vs_reference.py --cases disc,vae16 --dtypes float32,bfloat16
     python benchmarks/vs_reference.py --cases vae16 --dynamics 300   # + training dynamics
