@@ -111,6 +111,8 @@ def main(argv=None) -> int:
     rows = []
     print(f"{'case':8s} {'layout':10s} {'batch':>5s} {'state GiB':>9s} {'temp GiB':>9s} "
           f"{'peak GiB':>9s} {'compile s':>9s}")
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for case in a.cases.split(","):
         for layout in a.layouts.split(","):
             r = measure(case, layout, a.devices, a.per_device_batch, a.remat)
@@ -118,11 +120,11 @@ def main(argv=None) -> int:
             print(f"{case:8s} {layout:10s} {r['global_batch']:5d} {r['state_bytes'] / gib:9.3f} "
                   f"{r['temp_bytes'] / gib:9.3f} {r['peak_bytes'] / gib:9.3f} "
                   f"{r['compile_s']:9.1f}", flush=True)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": platform.processor() or platform.machine(),
-                               "backend": jax.default_backend(), "jax": jax.__version__,
-                               "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1))
+            # after every row: big compiles take minutes each, an interrupted run keeps its rows
+            out.write_text(json.dumps({"machine": platform.processor() or platform.machine(),
+                                       "backend": jax.default_backend(), "jax": jax.__version__,
+                                       "date": time.strftime("%Y-%m-%d"), "rows": rows},
+                                      indent=1))
     print(f"wrote {out}")
     return 0
 

@@ -232,3 +232,17 @@ def test_evaluate_command_table_json_and_agreement_with_reconstruct(workdir, tmp
     _ok(_run("evaluate", "--workdir", workdir, "--stage", "vae_warmup", "--num", "2"))
     d = json.loads((workdir / "eval" / "vae_warmup.json").read_text())
     assert "eval/psnr" in d["metrics"] and "eval/color_score" not in d["metrics"]
+
+
+def test_shapes_measure_script_scores_a_workdir(workdir):
+    """experiments/shapes_t2i/measure.py (the demo's scorer in the README) on a trained workdir:
+    it must keep running against the package's sampler API."""
+    p = subprocess.run([sys.executable, "experiments/shapes_t2i/measure.py", str(workdir),
+                        "--n", "8", "--seeds", "1", "--sample_steps", "2"],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    _ok(p)
+    res = json.loads((workdir / "measure" / "scores.json").read_text())
+    assert res["stage"] == "flow" and 0.0 <= res["recon_color"] <= 1.0
+    assert 0.0 <= res["gen_color"] <= 1.0 and np.isfinite(res["psnr"]["recon_spade"])
+    assert res["psnr"]["baseline_flat_background"] > res["psnr"]["baseline_mean_image"]
+    assert {"recon.png", "gen_single.png"} <= {f.name for f in (workdir / "measure").iterdir()}

@@ -39,7 +39,7 @@ import numpy as np
 from fluxflow_jax import interop
 from fluxflow_jax.data import load_tokenizer, shapes, tokenize
 from fluxflow_jax.models.registry import build_models
-from fluxflow_jax.sampling import sample_flow
+from fluxflow_jax import sampling
 
 PALETTE = np.array(list(shapes.COLORS.values()), np.float32)  # [6, 3] uint8 values
 NAMES = list(shapes.COLORS)
@@ -174,25 +174,19 @@ def main(argv=None) -> dict:
         null_mode = st.get("loss", {}).get("cfg_null", "zeros")
         L = int(cfg.get("max_length", 16))
         e_ids, e_mask = tokenize(tok, [""], L)
-
-        @jax.jit
-        def gen(ids, mask, rng):
-            te = V["text_encoder"]
-            emb = models.text_encoder.apply(te, ids, mask, deterministic=True)
-            if null_mode == "empty_prompt":
-                null = jnp.broadcast_to(models.text_encoder.apply(
-                    te, jnp.asarray(e_ids), jnp.asarray(e_mask), deterministic=True), emb.shape)
-            else:
-                null = jnp.zeros_like(emb)
-            vel = lambda p, e, t: models.flow.apply(V["flow"], p, e, t, hw=hw)
-            lat = sample_flow(vel, emb, null, rng=rng, hw=hw, dim=models.flow.vae_dim,
-                              max_hw=models.flow.max_hw, steps=steps, guidance=g)
-            return models.expander.apply(V["expander"], lat, use_context=True, hw=hw)
+        settings = sampling.SampleSettings(sampling.stage_settings(st).sampler, steps, g)
+        null_ids = ((jnp.asarray(e_ids), jnp.asarray(e_mask)) if null_mode == "empty_prompt"
+                    else None)
+        params = {k: v["params"] for k, v in V.items()}
+        gen = jax.jit(lambda ids, mask, keys: sampling.text_to_image(
+            models, params, ids, mask, keys, image_hw=(size, size), settings=settings,
+            null_ids=null_ids, use_context=True))
 
         def generate(prompts, seed):
             ids, mask = tokenize(tok, prompts, L)
-            rng = jax.random.key(seed, impl=cfg.get("rng_impl", "threefry2x32"))
-            return to_u8(np.asarray(gen(jnp.asarray(ids), jnp.asarray(mask), rng)))
+            key = jax.random.key(seed, impl=cfg.get("rng_impl", "threefry2x32"))
+            keys = sampling.image_keys(key, np.arange(len(prompts)))
+            return to_u8(np.asarray(gen(jnp.asarray(ids), jnp.asarray(mask), keys)))
 
         singles_p = [f"{'an' if c[0] in 'aeiou' else 'a'} {c} {s}" for c in NAMES
                      for s in shapes.SHAPES]
