@@ -11,6 +11,7 @@ import ml_collections as mlc
 
 from fluxflow_jax import losses
 from fluxflow_jax.data.config import LOCATION_KEYS
+from fluxflow_jax.lora import LORA_DEFAULTS
 
 
 def model_config(size: str = "phase1") -> mlc.ConfigDict:
@@ -84,6 +85,15 @@ def stage(name: str, *, train: Sequence[str], optimizers: Optional[dict] = None,
     d["schedulers"] = mlc.ConfigDict({k: mlc.ConfigDict(v) for k, v in (schedulers or {}).items()})
     d["loss"] = loss_config(**(loss or {}))
     return mlc.ConfigDict(d)
+
+
+def lora_config(**overrides: Any) -> mlc.ConfigDict:
+    """A stage's ``lora`` block: every key of ``lora.LORA_DEFAULTS`` (rank, alpha, target_layers,
+    trigger, DOP ...) with its default, then ``overrides``."""
+    unknown = sorted(set(overrides) - set(LORA_DEFAULTS))
+    if unknown:
+        raise KeyError(f"lora config: unknown key(s) {unknown}; known: {sorted(LORA_DEFAULTS)}")
+    return mlc.ConfigDict({**LORA_DEFAULTS, **overrides})
 
 
 def base_config() -> mlc.ConfigDict:
