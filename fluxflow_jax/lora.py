@@ -15,7 +15,10 @@ computes the same thing the other way round, ``x W + s (x A) B`` through
 
 Targets (``target_layers``): ``'attention'`` = q_proj, kv_proj (k and v, one fused Linear in the
 reference) and out_proj of every block's self- and cross-attention; ``'all'`` adds the pillar MLP
-layers and the feed-forward layer. Input dropout on the adapter branch is not implemented (a merged
+layers and the feed-forward layer. (Cross-attention attends to a single text token, so its softmax
+is constantly 1: adapters on its q_proj - and on the k half of its kv_proj - get no gradient and stay
+zero. They are kept so 'attention' means what it means in other trainers; they cost 2 x r x D each.)
+Input dropout on the adapter branch is not implemented (a merged
 kernel has no separate branch to drop): validation refuses ``dropout > 0``.
 """
 from __future__ import annotations
@@ -102,7 +105,14 @@ def init_adapters(flow_params: Mapping, rank: int, target_layers: str, rng: jax.
 
 
 def merge(flow_params: Mapping, adapters: Mapping, s: float | jax.Array) -> dict:
-    """Flow params with ``kernel + s * A @ B`` on every adapted layer (others shared as given)."""
+    """Flow params with ``kernel + s * A @ B`` on every adapted layer. One jitted function (a
+    single compilation per adapter layout, instead of op-by-op dispatch when called eagerly from
+    sampling, generate or tests; inlined when called inside a step's trace)."""
+    return _merge(flow_params, adapters, jnp.asarray(s, jnp.float32))
+
+
+@jax.jit
+def _merge(flow_params: Mapping, adapters: Mapping, s: jax.Array) -> dict:
     def go(p: Mapping, a: Mapping) -> dict:
         if "lora_A" in a:
             k = p["kernel"]

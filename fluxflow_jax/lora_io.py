@@ -84,7 +84,7 @@ def load_adapter(path: str | Path, flow_params: Mapping) -> tuple[dict, dict]:
                                    "model (a file for a different model size?)")
         m = by_ref[mod]
         flat[f"{m}/{leaf}"] = jnp.asarray(np.asarray(value).T)
-    for m in {k.rsplit("/", 1)[0] for k in flat}:
+    for m in sorted({k.rsplit("/", 1)[0] for k in flat}):
         a, b = flat.get(f"{m}/lora_A"), flat.get(f"{m}/lora_B")
         if a is None or b is None:
             raise AdapterFileError(f"{path}: {PREFIX}{reference_module(m)} lacks lora_A or lora_B")

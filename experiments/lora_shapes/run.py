@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -42,12 +41,33 @@ from fluxflow_jax import loading, lora_io, sampling  # noqa: E402
 from fluxflow_jax.data import shapes  # noqa: E402
 
 
-def _measure_module():
-    spec = importlib.util.spec_from_file_location(
-        "shapes_measure", ROOT / "experiments" / "shapes_t2i" / "measure.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+PALETTE = np.array(list(shapes.COLORS.values()), np.float32)  # [6, 3]
+
+
+def to_u8(x: np.ndarray) -> np.ndarray:
+    """[-1, 1] images -> uint8."""
+    return np.clip(np.rint((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def color_votes(img_u8: np.ndarray, sat_min: int = 50) -> np.ndarray:
+    """Counts per palette colour of the saturated pixels of one ``[H, W, 3]`` image: the shapes
+    colour score's vote (experiments/shapes_t2i/measure.py ``color_votes``, same rule)."""
+    px = img_u8.reshape(-1, 3).astype(np.int32)
+    px = px[(px.max(1) - px.min(1)) > sat_min]
+    if len(px) == 0:
+        return np.zeros(len(PALETTE), np.int64)
+    d = np.sum(np.square(px[:, None, :].astype(np.float32) - PALETTE), axis=-1)
+    return np.bincount(np.argmin(d, axis=-1), minlength=len(PALETTE))
+
+
+def save_grid(images_u8: np.ndarray, path: Path, ncol: int, scale: int = 3) -> None:
+    n, h, w, _ = images_u8.shape
+    rows = -(-n // ncol)
+    g = np.zeros((rows * (h + 1) + 1, ncol * (w + 1) + 1, 3), np.uint8)
+    for i in range(n):
+        r, c = divmod(i, ncol)
+        g[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w] = images_u8[i]
+    Image.fromarray(g).resize((g.shape[1] * scale, g.shape[0] * scale), Image.NEAREST).save(path)
 
 
 def make_data(out: Path, n: int, color: str, trigger: str, size: int, seed: int = 4242) -> Path:
@@ -83,15 +103,14 @@ def train(workdir: Path, base: str, data: Path, size: str, steps: int, dop: floa
     return time.monotonic() - t0
 
 
-def vote_hist(measure, imgs_u8: np.ndarray) -> np.ndarray:
+def vote_hist(imgs_u8: np.ndarray) -> np.ndarray:
     """Normalised colour-vote histogram per image ``[N, 6]`` (all zeros: no saturated pixel)."""
-    v = np.stack([measure.color_votes(im) for im in imgs_u8]).astype(np.float64)
+    v = np.stack([color_votes(im) for im in imgs_u8]).astype(np.float64)
     return v / np.maximum(v.sum(1, keepdims=True), 1.0)
 
 
 def evaluate(base: str, adapters: dict[str, Path], color: str, trigger: str, seeds: int,
              steps: int, out: Path) -> dict:
-    measure = _measure_module()
     loaded = loading.load(export=base, needed={"text_encoder", "flow", "expander"})
     tok = loading.load_tokenizer(loaded, None)
     run_cfg = loaded.run_config or {}
@@ -112,12 +131,12 @@ def evaluate(base: str, adapters: dict[str, Path], color: str, trigger: str, see
     imgs = {}
     for name, params in models.items():
         x = gen(params, prompts, seed=0, first_index=0)
-        imgs[name] = measure.to_u8(x)
-        measure.save_grid(imgs[name], out / f"grid_{name}.png", ncol=len(shapes.SHAPES) * seeds)
+        imgs[name] = to_u8(x)
+        save_grid(imgs[name], out / f"grid_{name}.png", ncol=len(shapes.SHAPES) * seeds)
     n_trig = len(trig) * seeds
-    base_h = vote_hist(measure, imgs["base"][n_trig:])
+    base_h = vote_hist(imgs["base"][n_trig:])
     for name, u8 in imgs.items():
-        votes = np.stack([measure.color_votes(im) for im in u8[:n_trig]])
+        votes = np.stack([color_votes(im) for im in u8[:n_trig]])
         res["trigger_target_share"][name] = float(votes[:, target].sum() / max(votes.sum(), 1))
         res["trigger_target_top"][name] = float(np.mean(
             (votes.sum(1) > 0) & (votes.argmax(1) == target)))
@@ -125,7 +144,7 @@ def evaluate(base: str, adapters: dict[str, Path], color: str, trigger: str, see
             d = np.abs(u8[n_trig:].astype(np.float64) - imgs["base"][n_trig:]) / 255.0
             res["nontrigger_pixel_distance"][name] = float(d.mean())
             res["nontrigger_vote_distance"][name] = float(np.mean(np.abs(
-                vote_hist(measure, u8[n_trig:]) - base_h).sum(1)))
+                vote_hist(u8[n_trig:]) - base_h).sum(1)))
     res["n_trigger_images"], res["n_plain_images"] = n_trig, len(plain) * seeds
     return res
 
@@ -143,6 +162,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--dop", type=float, default=1.0, help="DOP multiplier of the second run")
     ap.add_argument("--seeds", type=int, default=4, help="images per prompt")
     ap.add_argument("--sample_steps", type=int, default=16)
+    ap.add_argument("--skip_train", action="store_true", help="only measure existing runs")
     ap.add_argument("--set", action="append", default=[],
                     help="extra --config.x=y overrides for both runs")
     args = ap.parse_args(argv)
@@ -151,8 +171,9 @@ def main(argv=None) -> dict:
     data = make_data(out / "data", args.num_images, args.color, args.trigger, img_size)
     walls = {}
     for name, dop in (("lora", 0.0), ("lora_dop", args.dop)):
-        walls[name] = train(out / name, args.base, data, args.size, args.steps, dop, args.set)
-    adapters = {n: out / n / "export" / "lora" / lora_io.ADAPTER_FILE for n in walls}
+        if not args.skip_train:
+            walls[name] = train(out / name, args.base, data, args.size, args.steps, dop, args.set)
+    adapters = {n: out / n / "export" / "lora" / lora_io.ADAPTER_FILE for n in ("lora", "lora_dop")}
     # The base as the LoRA stage re-exported it (frozen, so it equals --base; with --base '' the
     # fresh weights both runs started from) - its workdir also gives tokenizer and image size.
     res = evaluate(str(out / "lora" / "export" / "lora"), adapters, args.color, args.trigger, args.seeds, args.sample_steps,
