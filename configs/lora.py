@@ -69,4 +69,7 @@ def get_config(arg: str = ""):
     c.checkpoint.interval_steps = n(100, 3)
     c.checkpoint.interval_minutes = 0.0
     c.samples.num_images = 4
+    # The base's expander was trained with SPADE (configs/demo.py does): decode samples, and
+    # generate from this workdir, with context. Use 'off' for a base trained without it.
+    c.samples.spade = n("on", "auto")
     return c

@@ -120,7 +120,9 @@ def base_config() -> mlc.ConfigDict:
     c.max_nonfinite_in_a_row = 5
     c.checkpoint = mlc.ConfigDict(dict(interval_steps=500, interval_minutes=30.0, max_to_keep=3,
                                        async_save=True))
-    c.samples = mlc.ConfigDict(dict(enabled=True, num_images=4, seed=1234))
+    # spade: decode samples/generations with SPADE context - 'auto' = when a stage of this run
+    # trained it; 'on'/'off' for an init_from expander this run did not train (e.g. LoRA runs)
+    c.samples = mlc.ConfigDict(dict(enabled=True, num_images=4, seed=1234, spade="auto"))
     # Held-out metrics every interval_steps (0 = off) into the JSONL, TensorBoard and plots:
     # PSNR/SSIM beside the mean-image and background baselines, shapes colour/relation scores.
     c.eval = mlc.ConfigDict(dict(interval_steps=0, num_images=16, lpips_weights=""))

@@ -95,7 +95,12 @@ def logged_metrics(stage: Mapping) -> set[str]:
 
 def spade_trained(config: Mapping, stage: str) -> bool:
     """Whether the expander has been trained with SPADE context by the end of ``stage`` (a stage
-    with ``spade`` in ``train`` at or before it): decoding with context is right only then."""
+    with ``spade`` in ``train`` at or before it): decoding with context is right only then.
+    ``samples.spade`` 'on'/'off' overrides it for weights this run did not train (a LoRA run's
+    ``init_from`` base: the config cannot see how that expander was trained)."""
+    forced = config.get("samples", {}).get("spade", "auto")
+    if forced in ("on", "off"):
+        return forced == "on"
     order = list(config["stage_order"])
     upto = order[: order.index(stage) + 1] if stage in order else order
     return any("spade" in config["stages"][n]["train"] for n in upto)
@@ -144,6 +149,8 @@ def validate_config(config: Mapping, *, check_paths: bool = True) -> list[str]:
                         f"over; use a multiple of {n_dev}")
     if config.tokenizer not in ("", "demo") and not Path(config.tokenizer).is_dir():
         errs.append(f"tokenizer: {config.tokenizer!r} is neither 'demo' nor a local directory")
+    if config.samples.get("spade", "auto") not in ("auto", "on", "off"):
+        errs.append(f"samples.spade: {config.samples.spade!r} not in ('auto', 'on', 'off')")
     if config.init_from and not Path(config.init_from).exists():
         errs.append(f"init_from: {config.init_from!r} does not exist")
     for n in stages:
@@ -385,6 +392,12 @@ def describe_plan(config: Mapping) -> str:
         frozen = sorted(needed_models(s) - trained_models(s))
         lines.append(f"  frozen: {frozen or '-'}")
         lines.append(f"  steps per iteration: {' -> '.join(step_kinds(s))}")
+        if "lora" in s.train and s.get("lora") is not None:
+            lc = lora.settings(s.lora.to_dict())
+            dop = (f"DOP x{lc['dop_multiplier']} every {lc['dop_every_n_steps']} step(s), "
+                   f"'{lc['trigger']}' -> '{lc['class_word']}'" if lc["dop_multiplier"] else "no DOP")
+            lines.append(f"  LoRA: rank {lc['rank']}, alpha {lc['alpha']}, {lc['target_layers']} "
+                         f"layers of the frozen flow model, trigger '{lc['trigger']}', {dop}")
         for g in optimizer_groups(s):
             o = stage_optimizer(s, g)
             sch = stage_scheduler(s, g)

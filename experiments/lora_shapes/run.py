@@ -110,7 +110,7 @@ def vote_hist(imgs_u8: np.ndarray) -> np.ndarray:
 
 
 def evaluate(base: str, adapters: dict[str, Path], color: str, trigger: str, seeds: int,
-             steps: int, out: Path) -> dict:
+             steps: int, out: Path, spade: str = "auto") -> dict:
     loaded = loading.load(export=base, needed={"text_encoder", "flow", "expander"})
     tok = loading.load_tokenizer(loaded, None)
     run_cfg = loaded.run_config or {}
@@ -118,7 +118,8 @@ def evaluate(base: str, adapters: dict[str, Path], color: str, trigger: str, see
     hw = tuple(ds["img_size"]) if ds else (32, 32)
     gen = sampling.Generator(loaded.models, tok, max_length=int(run_cfg.get("max_length", 16)),
                              image_hw=hw, settings=sampling.SampleSettings("euler", steps, 2.0),
-                             use_context=loaded.use_context())
+                             use_context={"on": True, "off": False}.get(spade,
+                                                                        loaded.use_context()))
     trig = [f"a {trigger} {s}" for s in shapes.SHAPES]
     plain = [f"a {c} {s}" for c in shapes.COLORS for s in shapes.SHAPES]
     prompts = [p for p in trig + plain for _ in range(seeds)]
@@ -126,7 +127,7 @@ def evaluate(base: str, adapters: dict[str, Path], color: str, trigger: str, see
     for name, f in adapters.items():
         models[name] = lora_io.apply_adapter(loaded.params, f)[0]
     target = list(shapes.COLORS).index(color)
-    res: dict = {"trigger_target_share": {}, "trigger_target_top": {},
+    res: dict = {"trigger_target_share": {}, "trigger_target_top": {}, "trigger_vote_shares": {},
                  "nontrigger_pixel_distance": {}, "nontrigger_vote_distance": {}}
     imgs = {}
     for name, params in models.items():
@@ -138,6 +139,8 @@ def evaluate(base: str, adapters: dict[str, Path], color: str, trigger: str, see
     for name, u8 in imgs.items():
         votes = np.stack([color_votes(im) for im in u8[:n_trig]])
         res["trigger_target_share"][name] = float(votes[:, target].sum() / max(votes.sum(), 1))
+        res["trigger_vote_shares"][name] = {c: round(float(votes[:, i].sum() / max(votes.sum(), 1)), 4)
+                                            for i, c in enumerate(shapes.COLORS)}
         res["trigger_target_top"][name] = float(np.mean(
             (votes.sum(1) > 0) & (votes.argmax(1) == target)))
         if name != "base":
@@ -163,6 +166,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--seeds", type=int, default=4, help="images per prompt")
     ap.add_argument("--sample_steps", type=int, default=16)
     ap.add_argument("--skip_train", action="store_true", help="only measure existing runs")
+    ap.add_argument("--spade", default="auto", choices=("auto", "on", "off"),
+                    help="decode with SPADE context (auto: the runs' samples.spade setting)")
     ap.add_argument("--set", action="append", default=[],
                     help="extra --config.x=y overrides for both runs")
     args = ap.parse_args(argv)
@@ -177,7 +182,7 @@ def main(argv=None) -> dict:
     # The base as the LoRA stage re-exported it (frozen, so it equals --base; with --base '' the
     # fresh weights both runs started from) - its workdir also gives tokenizer and image size.
     res = evaluate(str(out / "lora" / "export" / "lora"), adapters, args.color, args.trigger, args.seeds, args.sample_steps,
-                   out)
+                   out, args.spade)
     res["settings"] = {"base": args.base, "size": args.size, "steps": args.steps,
                        "num_images": args.num_images, "color": args.color,
                        "trigger": args.trigger, "dop_multiplier": args.dop, "seeds": args.seeds,
