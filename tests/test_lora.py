@@ -82,10 +82,11 @@ def test_lora_merged_equals_unmerged(world, target):
     models, params, (packed, emb, t) = world
     ad = _random_adapters(params["flow"], target)
     s = lora.scale(3, 6.0)
-    merged = models.flow.apply({"params": lora.merge(params["flow"], ad, s)}, packed, emb, t,
-                               hw=(4, 4))
-    unmerged = lora.apply_unmerged(models.flow, params["flow"], ad, s, packed, emb, t, hw=(4, 4))
-    base = models.flow.apply({"params": params["flow"]}, packed, emb, t, hw=(4, 4))
+    apply = jax.jit(lambda p: models.flow.apply({"params": p}, packed, emb, t, hw=(4, 4)))
+    merged = apply(lora.merge(params["flow"], ad, s))
+    unmerged = jax.jit(lambda p, a: lora.apply_unmerged(models.flow, p, a, s, packed, emb, t,
+                                                         hw=(4, 4)))(params["flow"], ad)
+    base = apply(params["flow"])
     assert float(jnp.max(jnp.abs(unmerged - base))) > 1e-2  # the adapters do something
     np.testing.assert_allclose(np.asarray(merged), np.asarray(unmerged), atol=1e-5, rtol=0)
 
@@ -205,8 +206,7 @@ def _lora_config():
 ])
 def test_lora_config_errors_name_their_key(key, value, message):
     c = _lora_config()
-    assert stages.validate_config(c, check_paths=False) == [
-        "init_from: '/tmp/demo/export/flow' does not exist"] or True
+    c.init_from = ""
     c.stages.lora.lora[key] = value
     errs = stages.validate_config(c, check_paths=False)
     assert any(e.startswith(message) for e in errs), errs
