@@ -29,9 +29,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fluxflow_jax import lora, lora_io, optim, sharding, steps  # noqa: E402
-from fluxflow_jax.models import registry  # noqa: E402
-from fluxflow_jax.state import create_train_state, step_params  # noqa: E402
+from fluxflow_jax import lora, lora_io, optim, sharding, steps
+from fluxflow_jax.models import registry
+from fluxflow_jax.state import create_train_state, step_params
 
 
 def model_cfg(d: int, layers: int, heads: int, vae_dim: int, emb: int) -> dict:

@@ -70,7 +70,7 @@ def load_adapter(path: str | Path, flow_params: Mapping) -> tuple[dict, dict]:
         if raw is None:
             raise AdapterFileError(f"{path}: no {META!r} metadata (not a fluxflow_jax LoRA file)")
         meta = json.loads(raw)
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safe_open handle)
     kernels = {k[: -len("/kernel")]: v for k, v in lora.flatten(flow_params).items()
                if k.endswith("/kernel") and np.ndim(v) == 2}
     by_ref = {}

@@ -15,8 +15,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from fluxflow_jax import interop, lora, lora_io, weights
 from fluxflow_jax import data as data_lib
+from fluxflow_jax import interop, lora, lora_io, weights
 from fluxflow_jax import workdir as wd
 from fluxflow_jax.state import TrainState
 

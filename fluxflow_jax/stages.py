@@ -327,11 +327,11 @@ def _validate_lora(config: Mapping, p: str, s: Mapping) -> list[str]:
     train = list(s.train)
     block = s.get("lora")
     if "lora" not in train:
-        return ([f"{p}.lora: the stage does not train 'lora' (train={train}); add 'lora' to "
-                 "train or remove the block"] if block is not None else [])
+        return ([(f"{p}.lora: the stage does not train 'lora' (train={train}); add 'lora' to "
+                  "train or remove the block")] if block is not None else [])
     if block is None:
-        return [f"{p}.lora: missing; a stage with 'lora' in train needs its lora block "
-                "(config_defaults.lora_config(trigger=...))"]
+        return [(f"{p}.lora: missing; a stage with 'lora' in train needs its lora block "
+                 "(config_defaults.lora_config(trigger=...))")]
     errs = lora.config_errors(block, f"{p}.lora")
     if "flow" in train or "text_encoder" in train:
         errs.append(f"{p}.train: 'lora' trains adapters over a frozen base; remove "

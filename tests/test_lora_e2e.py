@@ -42,7 +42,7 @@ def experiment(tmp_path_factory):
          "--out", str(out), "--steps", "4", "--num_images", "8", "--seeds", "1",
          "--sample_steps", "2", "--set=--config.checkpoint.interval_steps=2",
          "--set=--config.plots=False", "--set=--config.tensorboard=False"],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900))
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900, check=False))
     return out
 
 
@@ -95,7 +95,7 @@ def _generate(export, out, *extra):
         [sys.executable, "-m", "fluxflow_jax.generate", "--export", str(export), "--prompt",
          "a sks circle", "--prompt", "a red square", "--steps", "2", "--seed", "3",
          "--out", str(out), *map(str, extra)],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600))
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600, check=False))
 
 
 def _pngs(folder):
@@ -117,5 +117,5 @@ def test_lora_generate_applies_adapter(experiment, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "fluxflow_jax.generate", "--export", str(export),
                           "--prompt", "x", "--lora", str(tmp_path / "missing.safetensors"),
                           "--out", str(tmp_path / "x")], cwd=ROOT, env=_env(),
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600, check=False)
     assert bad.returncode == 2 and "adapter file not found" in bad.stderr

@@ -37,9 +37,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from fluxflow_jax import loading, lora_io, sampling  # noqa: E402
-from fluxflow_jax.data import shapes  # noqa: E402
-
+from fluxflow_jax import loading, lora_io, sampling
+from fluxflow_jax.data import shapes
 
 PALETTE = np.array(list(shapes.COLORS.values()), np.float32)  # [6, 3]
 
@@ -97,7 +96,7 @@ def train(workdir: Path, base: str, data: Path, size: str, steps: int, dop: floa
            f"--config.stages.lora.lora.dop_multiplier={dop}", *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     t0 = time.monotonic()
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     if p.returncode != 0:
         raise SystemExit(f"training failed ({' '.join(cmd)}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
     return time.monotonic() - t0
