@@ -12,6 +12,13 @@ how much of the (donated) state the outputs alias. ``peak = arguments + outputs 
 temporaries`` is the memory the step needs at once. The adapter file is really written
 (``lora_io.save_adapter``) to measure its size. Prints a table; writes
 ``benchmarks/results/lora_memory.json``.
+
+Measured (2 shared CPU cores, XLA:CPU buffer assignment; ``--layers 2 --ranks 16``, Dm=512,
+batch 4, 256 latent tokens, AdamW): full fine-tuning trains 36.1 M parameters with 275.6 MiB of
+optimizer state and needs 1081 MiB at the step's peak; LoRA rank 16 on the attention layers trains
+0.23 M (1.75 MiB of optimizer state, peak 529 MiB - the frozen base is an argument, its gradient
+and moments are never built), on all layers 0.66 M (5.0 MiB, peak 608 MiB). Adapter files: 0.88 MiB
+(attention) / 2.5 MiB (all) beside 138 MiB of flow weights.
 """
 from __future__ import annotations
 
@@ -128,7 +135,9 @@ def main(argv=None) -> dict:
         print(f"{r['mode']:<6}{r['rank'] or '-':>5} {r['targets'] or '-':<10}"
               f"{r['trained_params']:>11}{mib(r['opt_state_bytes'])} {mib(r.get('peak_bytes'))}"
               f" {mib(r.get('temp_bytes'))} {mib(r.get('adapter_file_bytes'))}")
-    result = {"settings": vars(args), "device": jax.devices()[0].device_kind,
+    settings = {**vars(args), "out": str(Path(args.out).resolve().relative_to(ROOT))
+                if Path(args.out).resolve().is_relative_to(ROOT) else args.out}
+    result = {"settings": settings, "device": jax.devices()[0].device_kind,
               "platform": platform.platform(), "jax": jax.__version__, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
