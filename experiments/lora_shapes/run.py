@@ -157,7 +157,7 @@ def main(argv=None) -> dict:
                     help="export folder of the base model ('' = fresh weights, CI size)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--size", default="full", choices=("full", "tiny"))
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--num_images", type=int, default=64)
     ap.add_argument("--color", default="purple", choices=list(shapes.COLORS))
     ap.add_argument("--trigger", default="sks")
