@@ -10,10 +10,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 from safetensors import safe_open
+
+from fluxflow_jax import interop, lora_io
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = os.environ.get("FLUXFLOW_JAX_TEST_CACHE") or tempfile.mkdtemp(prefix="fluxflow_jax_test_xla_")
@@ -41,7 +44,8 @@ def experiment(tmp_path_factory):
         [sys.executable, "experiments/lora_shapes/run.py", "--size", "tiny", "--base", "",
          "--out", str(out), "--steps", "4", "--num_images", "8", "--seeds", "1",
          "--sample_steps", "2", "--set=--config.checkpoint.interval_steps=2",
-         "--set=--config.plots=False", "--set=--config.tensorboard=False"],
+         "--set=--config.plots=False", "--set=--config.tensorboard=False",
+         "--set=--config.stages.lora.lora.export_merged=True"],
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900, check=False))
     return out
 
@@ -119,3 +123,16 @@ def test_lora_generate_applies_adapter(experiment, tmp_path):
                           "--out", str(tmp_path / "x")], cwd=ROOT, env=_env(),
                          capture_output=True, text=True, timeout=600, check=False)
     assert bad.returncode == 2 and "adapter file not found" in bad.stderr
+
+
+def test_lora_merged_export_equals_base_plus_adapter(experiment):
+    out = experiment / "lora_dop" / "export" / "lora"
+    base = {k: v[0]["params"] for k, v in interop.load_any(out).items()}
+    merged = {k: v[0]["params"] for k, v in interop.load_any(out / "merged").items()}
+    want, _ = lora_io.apply_adapter(base, out / "lora.safetensors", 1.0)
+    diffs = [float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+             for a, b in zip(jax.tree.leaves(merged["flow"]), jax.tree.leaves(want["flow"]))]
+    assert max(diffs) < 1e-5
+    moved = [float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+             for a, b in zip(jax.tree.leaves(merged["flow"]), jax.tree.leaves(base["flow"]))]
+    assert max(moved) > 1e-6  # the export really is merged, not the base again
