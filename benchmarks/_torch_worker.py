@@ -10,10 +10,12 @@ registered as bare namespaces and only the model/trainer files are executed.
 
 Modes (``spec['mode']``):
 
-* ``bench``: build one reference model group, load the weights ``vs_reference.py`` exported from
-  fluxflow_jax (``load_state_dict(strict=True)``: same architecture, same numbers), and time
-  ``warmup + steps`` fp32 training steps (zero_grad, forward, loss, backward, Adam step) on NCHW
-  contiguous inputs. Writes ``{"times_s": [...], "loss0": ..., "n_params": ...}``.
+* ``bench``: build the reference models of one case kind (``benchmarks/_cases.py``), load the
+  weights ``vs_reference.py`` exported from fluxflow_jax (strict key check: same architecture,
+  same numbers), and time ``warmup + steps`` iterations (per part: zero_grad, forward, loss,
+  backward, Adam step) on NCHW contiguous inputs; ``dtype='bfloat16'`` runs forward + loss
+  under CPU autocast; ``ref_variant='fixed'`` applies :func:`layout_fix` (``'shipped'``: the
+  reference as it is). Writes ``{"times_s": [...], "loss0", "n_params", "peak_rss"}``.
 * ``train_vae``: the reference's own ``VAETrainer.train_step`` (reconstruction + KL with adaptive
   weights and the colour/histogram/contrast regularisers, no GAN, no LPIPS, grad clipping) on a
   fixed sequence of image batches; writes the per-step metrics it returns.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import sys
 import time
 import types
@@ -76,73 +79,156 @@ def load_weights(module: torch.nn.Module, path: str, prefix: str) -> None:
                            f"{unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
 
 
-def build(spec: dict) -> tuple[dict, callable]:
-    """``(modules, loss_fn)`` for ``spec['kind']``; ``loss_fn()`` runs one forward + loss."""
+def layout_fix(modules: dict) -> int:
+    """The one-line fix of the reference's cliff: its expander feeds ``ConvTranspose2d`` a
+    channels-last view (``rearrange(... 'b (h w) d -> b d h w')``, kept by SPADE's elementwise
+    ops), which sends oneDNN down a very slow path; ``.contiguous()`` on that input restores
+    NCHW. Applied as a forward pre-hook on every ``ConvTranspose2d``; returns how many."""
+    n = 0
+    for m in modules.values():
+        for sub in m.modules():
+            if isinstance(sub, torch.nn.ConvTranspose2d):
+                sub.register_forward_pre_hook(lambda _m, args: (args[0].contiguous(),) + args[1:])
+                n += 1
+    return n
+
+
+def _hinge(x: torch.Tensor) -> torch.Tensor:
+    return x.float().flatten(1).mean(1)
+
+
+def build(spec: dict) -> tuple[dict, list]:
+    """``(modules, parts)``: one ``(trained modules, loss_fn)`` per optimizer step of an
+    iteration (``vs_reference`` / ``_cases`` describe each kind); ``loss_fn()`` runs forward +
+    loss."""
     kind, cfg, ckpt = spec["kind"], spec["config"], bool(spec.get("grad_ckpt", False))
     inputs = load_file(spec["inputs"])
     weights = spec["weights"]
-    if kind == "vae":
+    m: dict = {}
+    if kind in ("vae", "vae_gan"):
         from fluxflow.models.vae import FluxCompressor, FluxExpander
-        comp = FluxCompressor(in_channels=3, d_model=cfg["vae_dim"], downscales=cfg["downscales"],
-                              max_hw=1024, attn_layers=cfg["attn_layers"],
-                              attn_heads=cfg["attn_heads"], use_gradient_checkpointing=ckpt)
-        expd = FluxExpander(d_model=cfg["vae_dim"], upscales=cfg["downscales"], max_hw=1024,
-                            ctx_tokens=4, use_gradient_checkpointing=ckpt)
-        load_weights(comp, weights, "compressor.")
-        load_weights(expd, weights, "expander.")
-        img = nchw(inputs["image"])
-
-        def loss_fn():
-            packed, _, _ = comp(img, training=True)
-            return F.l1_loss(expd(packed, use_context=True), img)
-        return {"compressor": comp, "expander": expd}, loss_fn
-    if kind == "flow":
-        from fluxflow.models.flow import FluxFlowProcessor
-        flow = FluxFlowProcessor(d_model=cfg["flow_dim"], vae_dim=cfg["vae_dim"],
-                                 embedding_size=cfg["embedding"], n_head=cfg["heads"],
-                                 n_layers=cfg["layers"], max_hw=1024, ctx_tokens=4)
-        load_weights(flow, weights, "flow.")
-        packed = torch.from_numpy(inputs["packed"])
-        emb = torch.from_numpy(inputs["text_emb"])
-        t = torch.from_numpy(inputs["t"])
-        target = torch.from_numpy(inputs["target"])
-
-        def loss_fn():
-            return F.mse_loss(flow(packed, emb, t)[:, :-1], target)
-        return {"flow": flow}, loss_fn
-    if kind == "disc":
+        m["compressor"] = FluxCompressor(
+            in_channels=3, d_model=cfg["vae_dim"], downscales=cfg["downscales"], max_hw=1024,
+            attn_layers=cfg["attn_layers"], attn_heads=cfg["attn_heads"],
+            use_gradient_checkpointing=ckpt)
+        m["expander"] = FluxExpander(d_model=cfg["vae_dim"], upscales=cfg["downscales"],
+                                     max_hw=1024, ctx_tokens=4, use_gradient_checkpointing=ckpt)
+    if kind in ("disc", "vae_gan"):
         from fluxflow.models.discriminators import PatchDiscriminator
-        disc = PatchDiscriminator(in_channels=3, base_ch=cfg["base_ch"], depth=cfg["depth"],
-                                  ctx_dim=cfg["ctx_dim"])
-        load_weights(disc, weights, "discriminator.")
-        real, fake = nchw(inputs["real"]), nchw(inputs["fake"])
-        ctx = torch.from_numpy(inputs["ctx"])
+        m["discriminator"] = PatchDiscriminator(
+            in_channels=3, base_ch=cfg["base_ch"], depth=cfg["depth"],
+            ctx_dim=cfg.get("ctx_dim", cfg.get("vae_dim")))
+    if kind in ("flow", "flow_iter"):
+        from fluxflow.models.flow import FluxFlowProcessor
+        m["flow"] = FluxFlowProcessor(d_model=cfg["flow_dim"], vae_dim=cfg["vae_dim"],
+                                      embedding_size=cfg["embedding"], n_head=cfg["heads"],
+                                      n_layers=cfg["layers"], max_hw=1024, ctx_tokens=4)
+    if kind in ("text", "flow_iter"):
+        from fluxflow.models.encoders import BertTextEncoder
+        m["text"] = BertTextEncoder(embed_dim=cfg["embedding"])
+    for name, mod in m.items():
+        load_weights(mod, weights, f"{name}.")
+    if spec.get("ref_variant", "shipped") == "fixed":
+        layout_fix(m)
+    t = {k: torch.from_numpy(v) for k, v in inputs.items()}
+    img = nchw(inputs["image"]) if "image" in inputs else None
 
-        def loss_fn():
-            r = disc(real, ctx).flatten(1).mean(1)
-            f = disc(fake, ctx).flatten(1).mean(1)
-            return F.relu(1.0 - r).mean() + F.relu(1.0 + f).mean()
-        return {"discriminator": disc}, loss_fn
-    raise ValueError(f"spec.kind must be vae, flow or disc, got {kind!r}")
+    def vae_out():
+        packed, _, _ = m["compressor"](img, training=True)
+        return packed, m["expander"](packed, use_context=True)
+
+    def flow_loss(emb):
+        x1, tt = t["packed"][:, :-1], t["t"][:, None, None]
+        xt = torch.cat([tt * x1 + (1 - tt) * t["noise"], t["packed"][:, -1:]], dim=1)
+        return F.mse_loss(m["flow"](xt, emb, t["t"])[:, :-1].float(), x1 - t["noise"])
+
+    if kind == "vae":
+        return m, [(("compressor", "expander"), lambda: F.l1_loss(vae_out()[1].float(), img))]
+    if kind == "flow":
+        return m, [(("flow",), lambda: flow_loss(t["text_emb"]))]
+    if kind == "text":
+        return m, [(("text",), lambda: F.mse_loss(
+            m["text"](t["input_ids"].long(), t["attention_mask"].long()).float(), t["target"]))]
+    if kind == "flow_iter":
+        def flow_iter():
+            with torch.no_grad():
+                emb = m["text"](t["input_ids"].long(), t["attention_mask"].long())
+            return flow_loss(emb)
+        return m, [(("flow",), flow_iter)]
+    d = m.get("discriminator")
+    if kind == "disc":
+        real, fake, ctx = nchw(inputs["real"]), nchw(inputs["fake"]), t["ctx"]
+
+        def disc_loss():
+            return (F.relu(1.0 - _hinge(d(real, ctx))).mean()
+                    + F.relu(1.0 + _hinge(d(fake, ctx))).mean())
+        return m, [(("discriminator",), disc_loss)]
+    if kind == "vae_gan":
+        def d_step():
+            with torch.no_grad():
+                packed, fake = vae_out()
+                ctx = packed[:, :-1].mean(1)
+            return (F.relu(1.0 - _hinge(d(img, ctx))).mean()
+                    + F.relu(1.0 + _hinge(d(fake, ctx))).mean())
+
+        def g_step():
+            packed, rec = vae_out()
+            ctx = packed[:, :-1].mean(1).detach()
+            return F.l1_loss(rec.float(), img) - 0.1 * _hinge(d(rec, ctx)).mean()
+        return m, [(("discriminator",), d_step), (("compressor", "expander"), g_step)]
+    raise ValueError(f"spec.kind must be vae, flow, disc, text, vae_gan or flow_iter, got {kind!r}")
 
 
-def bench(spec: dict) -> dict:
-    modules, loss_fn = build(spec)
-    params = [p for m in modules.values() for p in m.parameters()]
-    for m in modules.values():
-        m.train()
-    opt = torch.optim.Adam(params, lr=float(spec.get("lr", 1e-4)))
-    times, losses = [], []
+def peak_rss() -> int:
+    """This process's peak resident set size in bytes: ``VmHWM`` of /proc/self/status, which
+    starts afresh at exec (``ru_maxrss`` carries the forking parent's high-water mark over)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def bench(spec: dict, out_path: Path) -> dict:
+    """Time ``warmup + steps`` iterations (every part: zero_grad, forward + loss under autocast
+    when ``dtype`` is bfloat16, backward, Adam); after each iteration the times so far go to
+    ``OUT.partial`` so a capped run still shows how far it got."""
+    modules, parts = build(spec)
+    for mod in modules.values():
+        mod.train()
+    if "text" in modules:  # frozen in flow_iter; dropout off on both sides in text (_cases)
+        modules["text"].eval()
+    opts, trained = [], []
+    for names, _ in parts:
+        ps = [p for n in names for p in modules[n].parameters()]
+        trained.append(ps)
+        opts.append(torch.optim.Adam(ps, lr=float(spec.get("lr", 1e-4))))
+    all_trained = {id(p) for ps in trained for p in ps}
+    n_params = int(sum(p.numel() for mod in modules.values() for p in mod.parameters()
+                       if id(p) in all_trained))
+    bf16 = spec.get("dtype", "float32") == "bfloat16"
+    every = [p for mod in modules.values() for p in mod.parameters()]
+    times, cpu, losses = [], [], []
+    partial = Path(str(out_path) + ".partial")
     for _ in range(int(spec["warmup"]) + int(spec["steps"])):
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.item()))
+        t0, c0 = time.perf_counter(), time.process_time()
+        for (names, loss_fn), opt, ps in zip(parts, opts, trained):
+            mine = {id(p) for p in ps}
+            for p in every:  # only this part's modules get gradients
+                p.requires_grad_(id(p) in mine)
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = loss_fn()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.item()))
         times.append(time.perf_counter() - t0)
-    return {"times_s": times[int(spec["warmup"]):], "loss0": losses[0], "losses": losses,
-            "n_params": int(sum(p.numel() for p in params))}
+        cpu.append(time.process_time() - c0)
+        partial.write_text(json.dumps({"times_s": times, "peak_rss": peak_rss()}))
+    # loss0: the last part's loss of the first iteration (what our side reports too).
+    return {"times_s": times[int(spec["warmup"]):], "cpu_s": cpu[int(spec["warmup"]):],
+            "loss0": losses[len(parts) - 1],
+            "losses": losses,
+            "n_params": n_params, "peak_rss": peak_rss()}
 
 
 class _Accelerator:
@@ -202,10 +288,12 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(int(spec.get("threads", 2)))
     torch.manual_seed(int(spec.get("seed", 0)))
     install_reference(spec["ref_src"])
-    modes = {"bench": bench, "train_vae": train_vae}
-    if spec.get("mode") not in modes:
-        raise ValueError(f"spec.mode must be one of {sorted(modes)}, got {spec.get('mode')!r}")
-    out = modes[spec["mode"]](spec)
+    if spec.get("mode") == "bench":
+        out = bench(spec, Path(argv[1]))
+    elif spec.get("mode") == "train_vae":
+        out = train_vae(spec)
+    else:
+        raise ValueError(f"spec.mode must be bench or train_vae, got {spec.get('mode')!r}")
     out["torch"] = torch.__version__
     out["threads"] = torch.get_num_threads()
     Path(argv[1]).write_text(json.dumps(out))

@@ -34,6 +34,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from fluxflow_jax.sharding import path_str
 
@@ -61,6 +62,13 @@ def _is_typed_key(x: Any) -> bool:
 def _encode_keys(state: PyTree) -> PyTree:
     """Typed PRNG key leaves -> their uint32 key data (the only form that can be serialised)."""
     return jax.tree.map(lambda x: jax.random.key_data(x) if _is_typed_key(x) else x, state)
+
+
+def _on_any_process(flag: bool) -> bool:
+    """Whether ``flag`` holds on any host (a small all-gather in multi-process runs)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).any())
 
 
 def _default_sharding() -> jax.sharding.Sharding:
@@ -253,10 +261,14 @@ class Checkpointer:
         return self.directory.parent / f"{self.directory.name}.damaged"
 
     def _move_aside(self, step: int) -> Path:
+        """Move a step folder aside: process 0 moves it (the folder is shared), all hosts wait."""
         self._manager.close()
-        self.damaged_dir.mkdir(parents=True, exist_ok=True)
         dest = self.damaged_dir / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-        (self.directory / str(step)).replace(dest)
+        if jax.process_index() == 0:
+            self.damaged_dir.mkdir(parents=True, exist_ok=True)
+            (self.directory / str(step)).replace(dest)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"fluxflow_jax checkpoint {step} moved aside")
         self._manager = self._open_manager()
         return dest
 
@@ -348,15 +360,18 @@ class Checkpointer:
         moved = []
         while (latest := self.latest_step()) is not None:
             try:
-                return self._restore_step(abstract_state, latest)
+                restored, why = self._restore_step(abstract_state, latest), ""
             except CheckpointMismatchError:
                 raise
             except Exception as e:  # noqa: BLE001 - Orbax/TensorStore/JSON errors vary by damage
-                why = " ".join(str(e).split())[:160]
-                dest = self._move_aside(latest)
-                moved.append(latest)
-                print(f"[checkpoint] step {latest} in {self.directory} cannot be read ({why}); "
-                      f"moved to {dest}, trying the previous step", flush=True)
+                restored, why = None, " ".join(str(e).split())[:160] or type(e).__name__
+            if not _on_any_process(bool(why)):  # every host falls back together, or none does
+                return restored
+            why = why or "another host could not read it"
+            dest = self._move_aside(latest)
+            moved.append(latest)
+            print(f"[checkpoint] step {latest} in {self.directory} cannot be read ({why}); "
+                  f"moved to {dest}, trying the previous step", flush=True)
         if moved:
             raise CheckpointError(
                 f"{self.directory}: no intact checkpoint (damaged steps {moved} moved to "
@@ -403,8 +418,6 @@ class Checkpointer:
         self._manager.wait_until_finished()
         self._manager.close()
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices(f"fluxflow_jax checkpointer close {self.directory}")
 
     def __enter__(self) -> Checkpointer:

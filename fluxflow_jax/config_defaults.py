@@ -32,7 +32,10 @@ def model_config(size: str = "phase1") -> mlc.ConfigDict:
                            freeze_backbone=False, pretrained_dir=""))
     else:
         raise ValueError(f"model size must be 'phase1' or 'tiny', got {size!r}")
-    m.update(max_hw=1024, activation="bezier", remat=False, dtype="float32")
+    # vae_head_activation: the VAE's mu/logvar/RGB sites in an ablation ('' = activation,
+    # 'identity' = linear heads; models/bezier.py head_site).
+    m.update(max_hw=1024, activation="bezier", vae_head_activation="", remat=False,
+             dtype="float32")
     return mlc.ConfigDict(m)
 
 

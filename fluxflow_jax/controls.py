@@ -14,7 +14,9 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 
 class StopControls:
@@ -66,6 +68,32 @@ class StopControls:
             time.sleep(1.0)
         return {"checkpoint": self._take(".checkpoint"), "stop": self._take(".stop"),
                 "signal": self.signal is not None}
+
+
+def agree(flags: Mapping[str, bool]) -> dict[str, bool]:
+    """A flag raised on any process is raised on all (multi-process runs; one small all-gather).
+
+    Signals and control files reach hosts at different moments (a ``.stop`` on a shared disk is
+    taken by whichever host polls first); a host that stopped alone would leave the others
+    waiting in the next step's collectives, so every host acts on the union, at the same step.
+    """
+    if jax.process_count() == 1:
+        return dict(flags)
+    keys = sorted(flags)
+    local = np.asarray([int(bool(flags[k])) for k in keys], np.int32)
+    every = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, len(keys))
+    return {k: bool(v) for k, v in zip(keys, every.any(axis=0))}
+
+
+def same_on_every_process(values: Mapping[str, float]) -> dict[str, float]:
+    """Process 0's values on every host (metrics that drive stop conditions and plateaus must
+    be identical everywhere, or hosts would take different decisions)."""
+    if jax.process_count() == 1 or not values:
+        return dict(values)
+    keys = sorted(values)
+    bits = np.asarray([values[k] for k in keys], np.float64).view(np.uint32)  # exact, without x64
+    got = np.asarray(multihost_utils.broadcast_one_to_all(bits), np.uint32).view(np.float64)
+    return {k: float(v) for k, v in zip(keys, got)}
 
 
 def stop_condition_met(s: Mapping, history: Mapping[str, list]) -> str | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -57,6 +58,9 @@ flags.DEFINE_integer("num_processes", _env_int("JAX_NUM_PROCESSES"),
 flags.DEFINE_integer("process_id", _env_int("JAX_PROCESS_ID"),
                      "This process's id in [0, num_processes) (default: $JAX_PROCESS_ID, else "
                      "detected).")
+flags.DEFINE_integer("distributed_heartbeat", 100,
+                     "Seconds without a heartbeat after which a process counts as dead and the "
+                     "others stop (they keep their last checkpoint; rerun all to resume).")
 flags.DEFINE_integer("distributed_timeout", 300,
                      "Seconds to wait for all processes to reach the coordinator before failing.")
 flags.DEFINE_bool("validate", False, "Print the stage plan and exit without training.")
@@ -117,7 +121,7 @@ def wait_for_coordinator(address: str, timeout_s: float, hint: str) -> None:
 
 def maybe_initialize_distributed(mode: str, coordinator_address: str | None = None,
                                  num_processes: int | None = None, process_id: int | None = None,
-                                 timeout_s: int = 300) -> bool:
+                                 timeout_s: int = 300, heartbeat_s: int = 100) -> bool:
     """Initialise multi-host JAX first thing (before any device use). Returns whether it did.
 
     Unset values are left to JAX's own detection (SLURM, Cloud TPU, Open MPI, ...); a plain
@@ -127,22 +131,42 @@ def maybe_initialize_distributed(mode: str, coordinator_address: str | None = No
     if not (mode == "on" or (mode == "auto" and (explicit or _multiprocess_env()))):
         return False
     hint = _hint(coordinator_address, num_processes, process_id)
+    if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
+        raise DistributedInitError(f"{hint}: --process_id must be in 0..{num_processes - 1} (each "
+                                   "process its own id, every process the same --num_processes)")
     if coordinator_address and process_id not in (None, 0):
         wait_for_coordinator(coordinator_address, timeout_s, hint)
     elif process_id == 0:
         print(f"[distributed] {hint}: waiting up to {timeout_s} s for all processes to join",
               file=sys.stderr, flush=True)
+    # JAX aborts the process from C++ when not every process registers in time; a watchdog that
+    # fires first turns that into one readable line and exit code 2.
+    watchdog = threading.Timer(timeout_s, _not_all_joined, (hint, num_processes, timeout_s))
+    watchdog.daemon = True
+    watchdog.start()
     try:
         jax.distributed.initialize(coordinator_address=coordinator_address or None,
                                    num_processes=num_processes, process_id=process_id,
-                                   initialization_timeout=int(timeout_s))
+                                   initialization_timeout=int(timeout_s) + 30,
+                                   heartbeat_timeout_seconds=int(heartbeat_s))
     except (ValueError, TypeError, RuntimeError) as e:  # missing / inconsistent values
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise DistributedInitError(
             f"--distributed={mode}: {hint}: {first}; outside SLURM/Cloud TPU pass "
             "--coordinator_address, --num_processes and --process_id (or JAX_COORDINATOR_ADDRESS, "
             "JAX_NUM_PROCESSES, JAX_PROCESS_ID), the same address and count to every process")
+    finally:
+        watchdog.cancel()
     return True
+
+
+def _not_all_joined(hint: str, num_processes: int | None, timeout_s: float) -> None:
+    n = num_processes if num_processes is not None else "all"
+    print(f"error: {hint}: not all {n} processes joined within {timeout_s:g} s; check that every "
+          "process was started (launch/ starts one per host), each with its own --process_id and "
+          "the same --num_processes and --coordinator_address, and that they can reach process "
+          "0's host (or raise --distributed_timeout)", file=sys.stderr, flush=True)
+    os._exit(2)  # pipeline.EXIT_USER_ERROR; the main thread is blocked inside JAX's C++ client
 
 
 def warm_cpu_collectives() -> None:
@@ -192,7 +216,7 @@ def _main(controls: controls_lib.StopControls | None) -> int:
     try:
         maybe_initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address,
                                      FLAGS.num_processes, FLAGS.process_id,
-                                     FLAGS.distributed_timeout)
+                                     FLAGS.distributed_timeout, FLAGS.distributed_heartbeat)
     except DistributedInitError as e:
         print(f"error: {e}", file=sys.stderr)
         return pipeline.EXIT_USER_ERROR

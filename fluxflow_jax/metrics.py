@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
+from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +257,17 @@ class MetricsWriter:
                         _tag(group, str(k)), float(np.asarray(v)), global_step=int(step)
                     )
         return entry
+
+    def images(self, step: int, paths: list[Path]) -> None:
+        """Sample grids (PNG files) into TensorBoard's Images tab, tagged by kind (``samples/
+        recon``, ``samples/gen``), so a run's pictures sit beside its curves at the same step."""
+        if self._tb is None:
+            return
+        for path in paths:
+            kind = "gen" if "_gen_" in Path(path).name else "recon"
+            with Image.open(path) as im:
+                arr = np.asarray(im.convert("RGB"))
+            self._tb.add_image(f"samples/{kind}", arr, global_step=int(step), dataformats="HWC")
 
     def flush(self) -> None:
         if self._file is not None:

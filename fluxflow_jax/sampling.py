@@ -247,8 +247,9 @@ def reconstruct(models: ModelSet, params: Mapping, images: jax.Array, *,
 
 
 def sampling_params(params: Mapping, ema: Mapping | None) -> dict:
-    """The weights to sample with: EMA weights where the run keeps them, raw ones elsewhere."""
-    return {**jax.device_get(dict(params)), **(jax.device_get(dict(ema)) if ema else {})}
+    """The weights to sample with: EMA weights where the run keeps them, raw ones elsewhere.
+    A collective in multi-process runs (``sharding.to_host``): every process calls it."""
+    return {**sharding.to_host(dict(params)), **(sharding.to_host(dict(ema)) if ema else {})}
 
 
 def pad_rows(n: int, mesh: jax.sharding.Mesh) -> int:

@@ -27,6 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -114,6 +115,23 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     if not axes:
         return replicated(mesh)
     return NamedSharding(mesh, P(axes if len(axes) > 1 else axes[0]))
+
+
+def to_host(tree: Any) -> Any:
+    """Numpy copies of a pytree of (possibly global) arrays.
+
+    Arrays split across processes (``fsdp`` over hosts) have no full copy on any one host; they
+    are gathered with ``process_allgather``, a collective, so in a multi-process run every
+    process must call this at the same point (the loop does; process 0 then writes the files).
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    split = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)
+             and not x.is_fully_addressable and not x.is_fully_replicated]
+    if split:
+        gathered = multihost_utils.process_allgather([leaves[i] for i in split], tiled=True)
+        for i, x in zip(split, gathered):
+            leaves[i] = x
+    return jax.tree.unflatten(treedef, [np.asarray(jax.device_get(x)) for x in leaves])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from fluxflow_jax import config_defaults as cd
 from fluxflow_jax import interop, lora, losses, metrics, optim, schedules, steps
 from fluxflow_jax.data import validate_dataset_config
 from fluxflow_jax.models import registry
-from fluxflow_jax.models.bezier import ACTIVATIONS
+from fluxflow_jax.models.bezier import ACTIVATIONS, HEAD_ACTIVATIONS
 from fluxflow_jax.state import MODEL_NAMES, OPT_GROUPS, STEP_KINDS, group_of
 
 STOP_MODES = ("below", "above")
@@ -193,6 +193,9 @@ def _validate_model(m: Mapping) -> list[str]:
                     "(RoPE needs an even head size)")
     if m.activation not in ACTIVATIONS:
         errs.append(f"model.activation: {m.activation!r} not in {ACTIVATIONS}")
+    if m.get("vae_head_activation", "") not in HEAD_ACTIVATIONS:
+        errs.append(f"model.vae_head_activation: {m.vae_head_activation!r} not in "
+                    f"{HEAD_ACTIVATIONS}")
     if m.dtype not in ("float32", "bfloat16"):
         errs.append(f"model.dtype: {m.dtype!r} not in ('float32', 'bfloat16')")
     if m.text.pretrained_dir and not Path(m.text.pretrained_dir).is_dir():

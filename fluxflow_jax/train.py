@@ -284,12 +284,16 @@ def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | N
     samples = (sampling.stage_sample_maker(config, name, st.models, st.tokenizer, workdir)
                if config.samples.enabled and not st.cfg.latent_cache else None)
     evaluator = None
-    if int(config.eval.interval_steps) > 0 and jax.process_index() == 0:
+    if int(config.eval.interval_steps) > 0:  # on every host: fsdp weights are gathered by all
         evaluator, _ = evaluate.make_evaluator(
             config, st.models, st.tokenizer, st.cfg, num=int(config.eval.num_images),
             lpips_weights=config.eval.lpips_weights or None)
     result = {"stage": name, "step": step, "total_steps": st.total_steps}
     max_bad = int(config.max_nonfinite_in_a_row)
+
+    def make_samples() -> None:  # grids to samples/ and TensorBoard (weights gathered by all hosts)
+        if samples is not None:
+            writer.images(offset + step, samples.make(shown(), step))
 
     def save(force: bool, reason: str = "") -> bool:
         if not bool(_params_finite(state.params)):  # never write a non-finite state over a good one
@@ -317,10 +321,10 @@ def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | N
     stopped = None
     nonfinite_seen, bad_in_a_row = int(state.nonfinite), 0
     try:
-        if samples is not None and step == 0:
-            samples.make(shown(), step)
+        if step == 0:
+            make_samples()
         while step < st.total_steps:
-            req = controls.poll()
+            req = controls_lib.agree(controls.poll())
             if req["signal"] or req["stop"]:
                 why = "signal" if req["signal"] else ".stop file"
                 save(True, why)
@@ -330,8 +334,7 @@ def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | N
                 break
             if req["checkpoint"]:
                 save(True, ".checkpoint file")
-                if samples is not None:
-                    samples.make(shown(), step)
+                make_samples()
             batch = next(st.loader)
             gbatch = sharding.put_batch(batch, st.mesh)
             step_metrics = {}
@@ -370,7 +373,7 @@ def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | N
                         f"{g} x{v:.3g}" for g, v in changed.items()))
             ev = {}
             if evaluator is not None and step % int(config.eval.interval_steps) == 0:
-                ev = evaluator(shown())
+                ev = controls_lib.same_on_every_process(evaluator(shown()))
                 pbar.write(f"[{name}] step {step}: " + " ".join(
                     f"{k.split('/', 1)[-1]}={v:.4g}" for k, v in ev.items()))
             if ev or step % int(config.log_interval) == 0 or step == st.total_steps:
@@ -399,8 +402,7 @@ def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | N
                     break
             if checkpointer.should_save(step):
                 save(False, "interval")
-                if samples is not None:
-                    samples.make(shown(), step)
+                make_samples()
     except FloatingPointError as e:
         result.update(step=step, diverged=True, reason=str(e))
     pbar.close()
@@ -412,8 +414,7 @@ def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | N
             result["stop_requested"] = True
         save(True, stopped or "end of stage")
         checkpointer.wait_until_finished()
-        if samples is not None:
-            samples.make(shown(), step)
+        make_samples()
         weights.save_stage(workdir, name, st.models, state, carried)
         if lcfg is not None:
             lora_run.save_outputs(workdir, name, st.models, state, carried, lcfg)

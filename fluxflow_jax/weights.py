@@ -19,7 +19,7 @@ import numpy as np
 from fluxflow_jax import interop
 from fluxflow_jax import workdir as wd
 from fluxflow_jax.models import registry
-from fluxflow_jax.sharding import path_str
+from fluxflow_jax.sharding import path_str, to_host
 from fluxflow_jax.state import TrainState
 
 
@@ -121,15 +121,16 @@ def _check_same_shapes(expected: Any, got: Any, name: str) -> None:
 def models_for_export(models: registry.ModelSet, state: TrainState, carried: Mapping, *,
                       ema: bool = False) -> dict[str, tuple[dict, dict]]:
     """``{model: (variables, module config)}`` of the state's models (EMA params if ``ema``) plus
-    the carried models this stage did not use - what param files and exports hold."""
-    params = jax.device_get(state.params)
+    the carried models this stage did not use - what param files and exports hold. A collective
+    in multi-process runs (``sharding.to_host``): every process calls it."""
+    params = to_host(state.params)
     if ema:
-        params = {**params, **jax.device_get(state.ema)}
+        params = {**params, **to_host(state.ema)}
     out = {}
     for n in models.names():
         variables = {"params": params[n]}
         if n == "discriminator" and state.spectral:
-            variables["spectral"] = jax.device_get(state.spectral)
+            variables["spectral"] = to_host(state.spectral)
         out[n] = (variables, module_config(getattr(models, n)))
     for n, v in carried.items():
         out.setdefault(n, v)
@@ -138,24 +139,30 @@ def models_for_export(models: registry.ModelSet, state: TrainState, carried: Map
 
 def export_stage(workdir: Path, stage: str, models: registry.ModelSet, state: TrainState,
                  carried: Mapping) -> list[Path]:
-    """Reference-layout safetensors in ``W/export/<stage>/`` (+ ``ema/`` when EMA is on)."""
+    """Reference-layout safetensors in ``W/export/<stage>/`` (+ ``ema/`` when EMA is on).
+    Every process calls it (the weights are gathered first); process 0 writes."""
+    raw = models_for_export(models, state, carried)
+    ema = models_for_export(models, state, carried, ema=True) if state.ema else None
+    return _write_exports(workdir, stage, raw, ema)
+
+
+def _write_exports(workdir: Path, stage: str, raw: Mapping, ema: Mapping | None) -> list[Path]:
     if jax.process_index() != 0:
         return []
     out = wd.export_dir(workdir, stage)
-    written = interop.export_reference(out, models_for_export(models, state, carried))
-    if state.ema:
-        written += interop.export_reference(out / "ema", models_for_export(models, state, carried,
-                                                                            ema=True))
+    written = interop.export_reference(out, raw)
+    if ema is not None:
+        written += interop.export_reference(out / "ema", ema)
     return written
-
-
 
 
 def save_stage(workdir: Path, stage: str, models: registry.ModelSet, state: TrainState,
                carried: Mapping) -> list[Path]:
-    """A finished stage's outputs: our param file (the next stage's start) and its exports."""
+    """A finished stage's outputs: our param file (the next stage's start) and its exports.
+    Every process calls it (the weights are gathered first); process 0 writes."""
+    raw = models_for_export(models, state, carried)
+    ema = models_for_export(models, state, carried, ema=True) if state.ema else None
     if jax.process_index() != 0:
         return []
-    params_file = interop.save_flax_params(wd.stage_params_path(workdir, stage),
-                                           models_for_export(models, state, carried))
-    return [params_file] + export_stage(workdir, stage, models, state, carried)
+    params_file = interop.save_flax_params(wd.stage_params_path(workdir, stage), raw)
+    return [params_file] + _write_exports(workdir, stage, raw, ema)

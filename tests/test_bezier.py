@@ -45,3 +45,18 @@ def test_ablation_widths_and_activation(act):
     assert not v.get("params"), "ablated TrainableBezier must own no parameters"
     with pytest.raises(ValueError, match="activation must be one of"):
         bezier.act_width(8, "tanhh")
+
+
+def test_head_site_follows_activation_unless_set():
+    """The VAE's output sites: '' follows the model activation (ReLU clamps at 0), 'identity'
+    is linear and parameter-free, 'bezier' keeps the trainable curve inside an ablation."""
+    x = jnp.linspace(-2, 2, 24).reshape(8, 3)
+    init = (-1.0, 0.25, 0.75, 1.0)
+    site = bezier.head_site((3,), init, "relu", "", "rgb")
+    assert float(site.apply(site.init(jax.random.key(0), x), x).min()) == 0.0
+    lin = bezier.head_site((3,), init, "relu", "identity", "rgb")
+    np.testing.assert_array_equal(np.asarray(lin(x)), np.asarray(x))
+    bz = bezier.head_site((3,), init, "relu", "bezier", "rgb")
+    assert set(bz.init(jax.random.key(0), x)["params"]) == {"p0", "p1", "p2", "p3"}
+    with pytest.raises(ValueError, match="head_activation must be one of"):
+        bezier.head_site((3,), init, "relu", "linear", "rgb")

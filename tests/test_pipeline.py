@@ -6,6 +6,7 @@ run is shared by several checks; further runs are killed (SIGKILL / SIGTERM) and
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -15,8 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+from tensorboardX.proto import event_pb2
 
 from fluxflow_jax import interop
+from fluxflow_jax import workdir as workdir_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["configs/phase1.py", "configs/phase2.py", "configs/pipeline.py", "configs/demo.py"]
@@ -39,6 +42,21 @@ def _env():
 def _main_cmd(workdir, *extra, config=DEMO):
     return [sys.executable, "-m", "fluxflow_jax.main", f"--config={config}",
             f"--workdir={workdir}", *extra]
+
+
+def _tb_image_steps(tb_dir):
+    """{tag: [step, ...]} of the image summaries in tensorboardX event files (TFRecord framing)."""
+    out = {}
+    for path in sorted(tb_dir.glob("events.out.tfevents.*")):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 16 + length
+            for v in event.summary.value:
+                if v.HasField("image"):
+                    out.setdefault(v.tag, []).append(event.step)
+    return out
 
 
 def _run(workdir, *extra, config=DEMO, timeout=900):
@@ -175,6 +193,11 @@ def test_demo_leaves_every_artifact(demo_run):
     samples = sorted(p.name for p in (wd / "samples").glob("*.png"))
     assert any("recon" in s for s in samples) and any("_gen_" in s for s in samples)
     assert any((wd / "tb").rglob("events.out.tfevents*"))
+    # the sample grids are in TensorBoard too, at the steps the PNGs were written
+    images = _tb_image_steps(wd / "tb" / "flow")
+    gen_steps = sorted(int(s.rsplit("step", 1)[1][:6]) for s in samples if s.startswith("flow_gen"))
+    offset = workdir_lib.global_step_offset(wd, ["vae_warmup", "vae_gan", "flow"], "flow")
+    assert images.get("samples/gen") == [offset + s for s in gen_steps], (images, gen_steps)
     # held-out evaluation during training lands in the JSONL beside its baselines
     evals = {}
     for stage in ps["finished"]:

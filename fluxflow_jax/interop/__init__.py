@@ -127,7 +127,8 @@ def overrides_from_model_config(model_cfg: Mapping[str, Any] | None) -> dict[str
 
 # Settings that change what a model computes but not its weights' shapes, so a shape check
 # cannot catch a checkpoint/config disagreement on them.
-SHAPELESS_SETTINGS = ("ctx_tokens", "attn_heads", "n_head", "n_heads", "activation")
+SHAPELESS_SETTINGS = ("ctx_tokens", "attn_heads", "n_head", "n_heads", "activation",
+                      "head_activation")
 
 
 def check_loaded_config(name: str, loaded: Mapping[str, Any], built: Mapping[str, Any],

@@ -95,6 +95,27 @@ def apply_act(x: jax.Array, activation: str, bezier_form: str = "ss") -> jax.Arr
     return STANDARD_ACTIVATIONS[activation](x)
 
 
+HEAD_ACTIVATIONS = ("", "identity") + ACTIVATIONS
+
+
+def check_head_activation(name: str) -> str:
+    if name not in HEAD_ACTIVATIONS:
+        raise ValueError(f"head_activation must be one of {HEAD_ACTIVATIONS}, got {name!r}")
+    return name
+
+
+def head_site(shape: Sequence[int], init_values: Sequence[float], activation: str,
+              head_activation: str, name: str) -> Callable[[jax.Array], jax.Array]:
+    """A VAE output site (latent mean / log-variance, RGB): a :class:`TrainableBezier` as in the
+    reference. ``head_activation`` '' follows ``activation`` (an ablation puts its standard
+    activation there, clamping e.g. the RGB output to ReLU's [0, inf)); 'identity' makes the site
+    linear, as a standard ReLU/SiLU VAE's heads are; a name from ACTIVATIONS sets it explicitly."""
+    act = check_head_activation(head_activation) or activation
+    if act == "identity":
+        return lambda x: x
+    return TrainableBezier(tuple(shape), tuple(init_values), act, name=name)
+
+
 class TrainableBezier(nn.Module):
     """Bezier curve of ``sigmoid(x)`` with learnable control points ``p0..p3``.
 

@@ -37,7 +37,8 @@ MODULE_NAMES = ("compressor", "expander", "flow", "text_encoder", "discriminator
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 _TOP_KEYS = {"vae_dim", "downscales", "upscales", "vae_attn_layers", "vae_attn_heads",
              "flow_dim", "flow_layers", "flow_heads", "text_embedding_dim", "max_hw",
-             "activation", "remat", "dtype", "disc", "text", "ctx_tokens"}
+             "activation", "vae_head_activation", "remat", "dtype", "disc", "text",
+             "ctx_tokens"}
 _DISC_KEYS = {"base_ch", "depth"}
 _TEXT_KEYS = {"vocab_size", "dim", "n_layers", "n_heads", "hidden_dim",
               "max_position_embeddings", "dropout", "attention_dropout", "pooling",
@@ -114,6 +115,7 @@ def build_models(model_cfg: Mapping[str, Any], needed: set[str]) -> ModelSet:
     _check_keys(model_cfg, _TOP_KEYS, "model")
     dt = compute_dtype(model_cfg)
     act = model_cfg.get("activation", "bezier")
+    head_act = model_cfg.get("vae_head_activation", "")
     remat = bool(model_cfg.get("remat", False))
     max_hw = int(model_cfg.get("max_hw", 1024))
     ctx_tokens = pipeline_ctx_tokens(model_cfg)
@@ -123,12 +125,13 @@ def build_models(model_cfg: Mapping[str, Any], needed: set[str]) -> ModelSet:
         out["compressor"] = FluxCompressor(
             in_channels=3, d_model=vae_dim, downscales=int(_get(model_cfg, "downscales")),
             max_hw=max_hw, attn_layers=int(_get(model_cfg, "vae_attn_layers")),
-            attn_heads=int(_get(model_cfg, "vae_attn_heads")), activation=act, remat=remat,
-            dtype=dt)
+            attn_heads=int(_get(model_cfg, "vae_attn_heads")), activation=act,
+            head_activation=head_act, remat=remat, dtype=dt)
     if "expander" in needed:
         out["expander"] = FluxExpander(
             d_model=vae_dim, upscales=int(_get(model_cfg, "upscales")), max_hw=max_hw,
-            ctx_tokens=ctx_tokens, activation=act, remat=remat, dtype=dt)
+            ctx_tokens=ctx_tokens, activation=act, head_activation=head_act, remat=remat,
+            dtype=dt)
     if "flow" in needed:
         out["flow"] = FluxFlowProcessor(
             d_model=int(_get(model_cfg, "flow_dim")), vae_dim=vae_dim,

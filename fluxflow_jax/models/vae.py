@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fluxflow_jax.models.bezier import TrainableBezier, act_width, apply_act, check_activation
+from fluxflow_jax.models.bezier import act_width, apply_act, check_activation, head_site
 from fluxflow_jax.models.conditioning import (
     ContextAttentionMixer,
     dot_product_attention,
@@ -243,6 +243,7 @@ class FluxCompressor(nn.Module):
     attn_heads: int = 8
     attn_ff_mult: int = 2
     activation: str = "bezier"
+    head_activation: str = ""  # mu/logvar sites; '' = activation (bezier.head_site)
     remat: bool = False
     dtype: Dtype | None = None
 
@@ -282,8 +283,9 @@ class FluxCompressor(nn.Module):
             return y
 
         latent = head(x, "latent_proj")
-        mu = TrainableBezier((d,), MU_INIT, act, name="mu_activation")(head(latent, "mu_proj"))
-        logvar = TrainableBezier((d,), LOGVAR_INIT, act, name="logvar_activation")(
+        ha = self.head_activation
+        mu = head_site((d,), MU_INIT, act, ha, "mu_activation")(head(latent, "mu_proj"))
+        logvar = head_site((d,), LOGVAR_INIT, act, ha, "logvar_activation")(
             head(latent, "logvar_proj"))
 
         if sample:
@@ -398,6 +400,7 @@ class FluxExpander(nn.Module):
     max_hw: int = 1024
     ctx_tokens: int = 4
     activation: str = "bezier"
+    head_activation: str = ""  # the RGB output site; '' = activation (bezier.head_site)
     remat: bool = False
     dtype: Dtype | None = None
 
@@ -434,4 +437,4 @@ class FluxExpander(nn.Module):
         x = Conv(48, 3, padding=1, dtype=dt, name="to_rgb_3")(x)
         x = jax.nn.silu(group_norm(8, name="to_rgb_4")(x))
         x = Conv(3, 1, dtype=dt, name="to_rgb_6")(x)
-        return TrainableBezier((3,), RGB_INIT, act, name="rgb_activation")(x)
+        return head_site((3,), RGB_INIT, act, self.head_activation, "rgb_activation")(x)

@@ -1,0 +1,62 @@
+"""The side-by-side benchmark harness's bookkeeping (no timing here: speed lives in benchmarks/)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import _cases
+import _measure
+import vs_reference
+
+
+def test_suites_name_known_cases_with_labels():
+    for suite, names in _cases.SUITES.items():
+        assert names, suite
+        for n in names:
+            assert n in _cases.CASES, (suite, n)
+            assert _cases.size_label(_cases.CASES[n])
+
+
+def test_full_suite_has_every_kind():
+    kinds = {_cases.CASES[n]["kind"] for n in _cases.SUITES["full"]}
+    assert kinds == {"vae", "flow", "disc", "text", "vae_gan", "flow_iter"}
+
+
+def test_capped_shipped_run_reports_the_cliff():
+    assert vs_reference.shipped_result({"capped": True, "times_s": []}, 120) == \
+        (None, ">120 s (no iteration)")
+    assert vs_reference.shipped_result({"capped": True, "times_s": [95.2]}, 120) == \
+        (None, ">120 s (warm-up 95 s)")
+    assert vs_reference.shipped_result({"times_s": [1.5, 2.5]}, 120) == (2000.0, None)
+
+
+def test_readme_block_is_replaced_in_place(tmp_path):
+    row = {"size": "disc", "dtype": "float32", "ours_ms": 100.0, "ref_ms": 150.0,
+           "ref_shipped_ms": None, "ref_shipped_note": None, "flops": 2e9,
+           "ours_pct_peak": 5.0, "ref_pct_peak": 3.3, "ours_xla_mb": 10.0, "ours_rss_mb": 900.0,
+           "ref_rss_mb": 800.0, "ours_compile_s": 3.0}
+    meta = {"command": "python benchmarks/vs_reference.py", "date": "2026-01-01 00:00",
+            "machine_desc": "x", "threads": 2, "peak": {"float32": 1.0, "bfloat16": 2.0},
+            "peak_n": 2048, "loadavg": "0.1"}
+    readme = tmp_path / "README.md"
+    readme.write_text("# B\n\nbefore\n")
+    _measure.write_readme(readme, [row], meta)
+    _measure.write_readme(readme, [dict(row, ref_ms=300.0)], meta)
+    text = readme.read_text()
+    assert text.count(_measure.README_BEGIN) == 1 and text.startswith("# B\n\nbefore\n")
+    assert "| 3.00 |" in text and "| 1.50 |" not in text and "= fixed" in text
+
+
+def test_bad_dtype_and_case_are_refused():
+    with pytest.raises(SystemExit):
+        vs_reference.parse_args(["--dtypes", "float16"])
+    with pytest.raises(SystemExit):
+        vs_reference.parse_args(["--cases", "nope"])
+    _, names, dtypes = vs_reference.parse_args(["--suite", "full", "--dtypes",
+                                                "float32,bfloat16"])
+    assert names == _cases.SUITES["full"] and dtypes == ["float32", "bfloat16"]
