@@ -11,6 +11,7 @@ import ml_collections as mlc
 
 from fluxflow_jax import losses
 from fluxflow_jax.data.config import LOCATION_KEYS
+from fluxflow_jax.lora import LORA_DEFAULTS
 
 
 def model_config(size: str = "phase1") -> mlc.ConfigDict:
@@ -89,6 +90,15 @@ def stage(name: str, *, train: Sequence[str], optimizers: Optional[dict] = None,
     return mlc.ConfigDict(d)
 
 
+def lora_config(**overrides: Any) -> mlc.ConfigDict:
+    """A stage's ``lora`` block: every key of ``lora.LORA_DEFAULTS`` (rank, alpha, target_layers,
+    trigger, DOP ...) with its default, then ``overrides``."""
+    unknown = sorted(set(overrides) - set(LORA_DEFAULTS))
+    if unknown:
+        raise KeyError(f"lora config: unknown key(s) {unknown}; known: {sorted(LORA_DEFAULTS)}")
+    return mlc.ConfigDict({**LORA_DEFAULTS, **overrides})
+
+
 def base_config() -> mlc.ConfigDict:
     """Run-level defaults shared by every config."""
     c = mlc.ConfigDict()
@@ -113,7 +123,9 @@ def base_config() -> mlc.ConfigDict:
     c.max_nonfinite_in_a_row = 5
     c.checkpoint = mlc.ConfigDict(dict(interval_steps=500, interval_minutes=30.0, max_to_keep=3,
                                        async_save=True))
-    c.samples = mlc.ConfigDict(dict(enabled=True, num_images=4, seed=1234))
+    # spade: decode samples/generations with SPADE context - 'auto' = when a stage of this run
+    # trained it; 'on'/'off' for an init_from expander this run did not train (e.g. LoRA runs)
+    c.samples = mlc.ConfigDict(dict(enabled=True, num_images=4, seed=1234, spade="auto"))
     # Held-out metrics every interval_steps (0 = off) into the JSONL, TensorBoard and plots:
     # PSNR/SSIM beside the mean-image and background baselines, shapes colour/relation scores.
     c.eval = mlc.ConfigDict(dict(interval_steps=0, num_images=16, lpips_weights=""))

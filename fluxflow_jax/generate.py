@@ -3,7 +3,7 @@
   python -m fluxflow_jax.generate --workdir W [--stage S] [--weights auto|ema|raw] \\
       --prompt "a red circle above a blue square" [--prompt ...] [--prompts_file F] \\
       [--negative TEXT] [--steps N] [--guidance G] [--sampler euler|heun|vpred] [--size WxH] \\
-      [--seed S] [--num K] --out DIR
+      [--seed S] [--num K] [--lora ADAPTER.safetensors [--lora_scale S]] --out DIR
   python -m fluxflow_jax.generate --export W/export/flow ...        # an export folder
   python -m fluxflow_jax.generate --checkpoint flxflow_final.safetensors \\
       --checkpoint text_encoder.safetensors --tokenizer DIR ...      # reference files
@@ -18,7 +18,9 @@ v-prediction, ``euler`` for flow matching), its ``sample_steps``, ``guidance_sca
 ``cfg_null``, its dataset's image size; reference checkpoints default to ``vpred``, zero null
 embedding, 64x64. Reconstruct writes ``DIR/<input file name>`` per image (posterior mean, SPADE
 on) and prints each PSNR and their mean. Latent files (.npz or .safetensors) map each input file
-name to its packed latent ``[h*w+1, d]`` (HW token last). Mistakes exit 2 with one line.
+name to its packed latent ``[h*w+1, d]`` (HW token last). ``--lora`` merges a LoRA adapter file
+(``lora_io``: what a LoRA stage writes to ``W/export/<stage>/lora.safetensors``) into the flow model
+at ``lora_scale * alpha / rank`` (0 = the base model). Mistakes exit 2 with one line.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ import numpy as np
 from PIL import Image
 from safetensors.numpy import load_file, save_file
 
-from fluxflow_jax import evaluate, grids, interop, loading, sampling
+from fluxflow_jax import evaluate, grids, interop, loading, lora_io, sampling
 from fluxflow_jax.loading import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -137,7 +139,11 @@ def run_generate(loaded: loading.Loaded, args: argparse.Namespace) -> dict:
                              negative=args.negative, rng_impl=rng_impl,
                              use_context=_use_context(loaded, args))
     all_prompts = [p for p in prompts for _ in range(args.num)]
-    images = gen(loaded.params, all_prompts, args.seed)
+    params, lora_info = loaded.params, None
+    if args.lora:
+        params, meta = lora_io.apply_adapter(params, args.lora, args.lora_scale)
+        lora_info = {"file": str(args.lora), "scale": args.lora_scale, **meta}
+    images = gen(params, all_prompts, args.seed)
     out = Path(args.out)
     files = [str(_save_image(img, out / f"{i:03d}_{_slug(p)}.png").name)
              for i, (p, img) in enumerate(zip(all_prompts, images))]
@@ -147,7 +153,7 @@ def run_generate(loaded: loading.Loaded, args: argparse.Namespace) -> dict:
             "null": "negative prompt" if args.negative is not None else null,
             "size": f"{image_hw[1]}x{image_hw[0]}", "source": loaded.source,
             "stage": loaded.stage, "weights": loaded.weights, "rng_impl": rng_impl,
-            "spade_context": _use_context(loaded, args), "files": files}
+            "spade_context": _use_context(loaded, args), "lora": lora_info, "files": files}
     (out / "settings.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"wrote {len(files)} images, grid.png and settings.json to {out}")
     return info
@@ -272,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--images", help="input image folder (reconstruct, encode)")
     ap.add_argument("--latents", help="latent file .npz|.safetensors (encode, decode)")
     ap.add_argument("--out", help="output folder")
+    ap.add_argument("--lora", help="LoRA adapter file (.safetensors) to merge into the flow model")
+    ap.add_argument("--lora_scale", type=float, default=1.0,
+                    help="multiplies the adapter's alpha/rank (0 = base model)")
     return ap
 
 
@@ -286,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               needed=NEEDED[args.mode])
         {"generate": run_generate, "reconstruct": run_reconstruct, "encode": run_encode,
          "decode": run_decode}[args.mode](loaded, args)
-    except (UserError, FileNotFoundError, interop.InteropError) as e:
+    except (UserError, FileNotFoundError, interop.InteropError, lora_io.AdapterFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -47,6 +47,9 @@ _DEFAULT_OPTIMIZERS = {
                      "clip_norm": None},
     "discriminator": {"type": "AdamW", "lr": 5e-7, "betas": (0.0, 0.9), "weight_decay": 0.001,
                       "amsgrad": True, "clip_norm": None},
+    # LoRA adapters (not in the reference): the usual LoRA trainer setting (ai-toolkit's AdamW 1e-4)
+    "lora": {"type": "AdamW", "lr": 1e-4, "betas": (0.9, 0.999), "weight_decay": 0.0,
+             "clip_norm": 1.0},
 }
 _OPTIMIZER_KEYS = {
     "Lion": {"betas": (0.9, 0.95), "weight_decay": 0.01, "decoupled_weight_decay": True},

@@ -25,6 +25,7 @@ _DEFAULT_SCHEDULERS = {
     "vae": {"type": "CosineAnnealingLR", "eta_min_factor": 0.1},
     "text_encoder": {"type": "CosineAnnealingLR", "eta_min_factor": 0.001},
     "discriminator": {"type": "CosineAnnealingLR", "eta_min_factor": 0.1},
+    "lora": {"type": "CosineAnnealingLR", "eta_min_factor": 0.1},
 }
 # Per type: the keys it reads and the defaults the reference's create_optimizer passes.
 _SCHEDULER_KEYS = {
@@ -41,7 +42,7 @@ _SCHEDULER_KEYS = {
 }
 # The loss the reference steps each group's ReduceLROnPlateau with.
 DEFAULT_PLATEAU_METRIC = {"vae": "vae_loss", "flow": "flow_loss", "text_encoder": "flow_loss",
-                          "discriminator": "discriminator_loss"}
+                          "discriminator": "discriminator_loss", "lora": "flow_loss"}
 _COMMON_SCHEDULER_KEYS = ("type", "warmup_steps", "warmup_start_factor")
 
 def default_scheduler_config(group: str) -> dict:

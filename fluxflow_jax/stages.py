@@ -18,7 +18,7 @@ import jax
 import ml_collections as mlc
 
 from fluxflow_jax import config_defaults as cd
-from fluxflow_jax import interop, losses, metrics, optim, schedules, steps
+from fluxflow_jax import interop, lora, losses, metrics, optim, schedules, steps
 from fluxflow_jax.data import validate_dataset_config
 from fluxflow_jax.models import registry
 from fluxflow_jax.models.bezier import ACTIVATIONS, HEAD_ACTIVATIONS
@@ -45,6 +45,8 @@ TRAIN_FLAGS: dict[str, Flag] = {
     "gan": Flag(("discriminator",), _VAE + ("discriminator",), ("disc", "vae")),
     "flow": Flag(("flow",), _FLOW, ("flow",)),
     "text_encoder": Flag(("text_encoder",), _FLOW, ("flow",)),
+    # LoRA fine-tuning: adapters over the frozen flow model (the stage's ``lora`` block, lora.py)
+    "lora": Flag(("flow_lora",), _FLOW, ("flow",)),
 }
 TRAINABLE = tuple(TRAIN_FLAGS)
 
@@ -93,7 +95,12 @@ def logged_metrics(stage: Mapping) -> set[str]:
 
 def spade_trained(config: Mapping, stage: str) -> bool:
     """Whether the expander has been trained with SPADE context by the end of ``stage`` (a stage
-    with ``spade`` in ``train`` at or before it): decoding with context is right only then."""
+    with ``spade`` in ``train`` at or before it): decoding with context is right only then.
+    ``samples.spade`` 'on'/'off' overrides it for weights this run did not train (a LoRA run's
+    ``init_from`` base: the config cannot see how that expander was trained)."""
+    forced = config.get("samples", {}).get("spade", "auto")
+    if forced in ("on", "off"):
+        return forced == "on"
     order = list(config["stage_order"])
     upto = order[: order.index(stage) + 1] if stage in order else order
     return any("spade" in config["stages"][n]["train"] for n in upto)
@@ -142,6 +149,8 @@ def validate_config(config: Mapping, *, check_paths: bool = True) -> list[str]:
                         f"over; use a multiple of {n_dev}")
     if config.tokenizer not in ("", "demo") and not Path(config.tokenizer).is_dir():
         errs.append(f"tokenizer: {config.tokenizer!r} is neither 'demo' nor a local directory")
+    if config.samples.get("spade", "auto") not in ("auto", "on", "off"):
+        errs.append(f"samples.spade: {config.samples.spade!r} not in ('auto', 'on', 'off')")
     if config.init_from and not Path(config.init_from).exists():
         errs.append(f"init_from: {config.init_from!r} does not exist")
     for n in stages:
@@ -229,7 +238,7 @@ def _validate_datasets(config: Mapping, check_paths: bool = True) -> list[str]:
 def _validate_stage(config: Mapping, key: str, s: Mapping) -> list[str]:
     p = f"stages.{key}"
     errs = []
-    known = set(cd.STAGE_DEFAULTS) | {"optimizers", "schedulers", "loss"}
+    known = set(cd.STAGE_DEFAULTS) | {"optimizers", "schedulers", "loss", "lora"}
     for k in s:
         if k not in known:
             errs.append(f"{p}.{k}: unknown key (known: {sorted(known)})")
@@ -312,6 +321,36 @@ def _validate_stage(config: Mapping, key: str, s: Mapping) -> list[str]:
                     "matching loss.objective)")
     if "flow" in train and s.sample_steps <= 0:
         errs.append(f"{p}.sample_steps: must be > 0")
+    return errs + _validate_lora(config, p, s)
+
+
+def _validate_lora(config: Mapping, p: str, s: Mapping) -> list[str]:
+    """A ``lora`` block belongs to a stage with ``'lora'`` in ``train`` and the other way round;
+    the adapters need the base flow model frozen and, for DOP, captions the step can rewrite."""
+    train = list(s.train)
+    block = s.get("lora")
+    if "lora" not in train:
+        return ([(f"{p}.lora: the stage does not train 'lora' (train={train}); add 'lora' to "
+                  "train or remove the block")] if block is not None else [])
+    if block is None:
+        return [(f"{p}.lora: missing; a stage with 'lora' in train needs its lora block "
+                 "(config_defaults.lora_config(trigger=...))")]
+    errs = lora.config_errors(block, f"{p}.lora")
+    if "flow" in train or "text_encoder" in train:
+        errs.append(f"{p}.train: 'lora' trains adapters over a frozen base; remove "
+                    f"{[t for t in train if t in ('flow', 'text_encoder')]}")
+    cfg = lora.settings(block)
+    if float(cfg["dop_multiplier"]) > 0 and s.latent_cache:
+        errs.append(f"{p}.latent_cache: DOP (lora.dop_multiplier > 0) rewrites the captions, so "
+                    "the stage needs token ids, not a latent/text cache")
+    ds = config.datasets.get(dataset_name(config, s)) if dataset_name(config, s) else None
+    trigger = str(cfg["trigger"]).strip()
+    cap = ds.get("captions_file") if ds is not None else ""
+    if trigger and cap and Path(cap).is_file():
+        text = Path(cap).read_text(encoding="utf-8", errors="replace")
+        if not lora.has_word(text, trigger):
+            errs.append(f"{p}.lora.trigger: no caption in {cap} contains {trigger!r}; put the "
+                        "trigger word in the captions of the images it should mean")
     return errs
 
 
@@ -356,6 +395,12 @@ def describe_plan(config: Mapping) -> str:
         frozen = sorted(needed_models(s) - trained_models(s))
         lines.append(f"  frozen: {frozen or '-'}")
         lines.append(f"  steps per iteration: {' -> '.join(step_kinds(s))}")
+        if "lora" in s.train and s.get("lora") is not None:
+            lc = lora.settings(s.lora.to_dict())
+            dop = (f"DOP x{lc['dop_multiplier']} every {lc['dop_every_n_steps']} step(s), "
+                   f"'{lc['trigger']}' -> '{lc['class_word']}'" if lc["dop_multiplier"] else "no DOP")
+            lines.append(f"  LoRA: rank {lc['rank']}, alpha {lc['alpha']}, {lc['target_layers']} "
+                         f"layers of the frozen flow model, trigger '{lc['trigger']}', {dop}")
         for g in optimizer_groups(s):
             o = stage_optimizer(s, g)
             sch = stage_scheduler(s, g)

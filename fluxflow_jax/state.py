@@ -25,6 +25,9 @@ MODELS: dict[str, tuple[str, str]] = {
     "flow": ("flow", "flow"),
     "text_encoder": ("text_encoder", "flow"),
     "discriminator": ("discriminator", "disc"),
+    # LoRA adapters of the flow model (lora.py): not a module of their own but a param tree merged
+    # into the frozen flow kernels inside the flow step; their own group, so only they get state.
+    "flow_lora": ("lora", "flow"),
 }
 MODEL_NAMES: tuple[str, ...] = tuple(MODELS)
 OPT_GROUPS: tuple[str, ...] = tuple(dict.fromkeys(g for g, _ in MODELS.values()))

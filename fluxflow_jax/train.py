@@ -28,6 +28,7 @@ from fluxflow_jax import (
     cached,
     evaluate,
     interop,
+    lora_run,
     optim,
     plots,
     sampling,
@@ -137,6 +138,7 @@ def build_stage(config: Mapping, name: str, *, with_data: bool = True) -> Stage:
             seed=int(config.seed) + 1000 * index, tokenizer=tokenizer,
             max_length=int(config.max_length), name=f"datasets.{ds_name}",
             min_size=2 ** int(model_cfg.downscales))  # smaller images cannot be encoded
+        loader = lora_run.wrap_loader(s, loader, tokenizer, int(config.max_length))
         epoch_length = getattr(loader, "epoch_length", None)
     total = (stage_duration(s, epoch_length, name) if loader is not None or s.steps
              else int(s.steps))
@@ -166,7 +168,9 @@ def with_cached_data(config: Mapping, st: Stage, params: Mapping, workdir: Path)
 
 def create_state(st: Stage, params: dict, spectral: dict) -> tuple[state_lib.TrainState, dict]:
     """The stage's initial state and its optax transformations (one per step kind): the one way a
-    train state is built (tests and benchmarks call ``state.create_train_state`` the same way)."""
+    train state is built (tests and benchmarks call ``state.create_train_state`` the same way).
+    A LoRA stage's fresh adapters join ``params`` here (so ``export`` sees the same state)."""
+    params = lora_run.add_adapters(st.cfg, params, st.rng)
     txs = make_txs(st.cfg, params, st.total_steps, st.name)
     ema_models = tuple(sorted(stages.trained_models(st.cfg))) if st.cfg.ema_decay > 0 else ()
     return state_lib.create_train_state(params, txs, spectral=spectral,
@@ -204,6 +208,8 @@ def make_step_fns(st: Stage, txs: Mapping, shardings: Any) -> dict[str, Callable
         if kind == "flow" and loss_cfg["cfg_null"] == "empty_prompt":
             ids, mask = data_lib.tokenize(st.tokenizer, [""], int(st.max_length))
             extra["null_prompt"] = {"input_ids": ids, "attention_mask": mask}
+        if kind == "flow" and lora_run.stage_lora(st.cfg) is not None:
+            extra["lora_cfg"] = lora_run.stage_lora(st.cfg)
         fns[kind] = makers[kind](st.models, txs[kind], loss_cfg, st.mesh, shardings,
                                  frozen=frozen, advance_step=(i == len(st.kinds) - 1), **extra)
     return fns
@@ -272,6 +278,9 @@ def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | N
     step = int(state.step)
     writer = metrics_lib.MetricsWriter(workdir, name, tensorboard=bool(config.tensorboard),
                                        resume_at=offset + step)
+    lcfg = lora_run.stage_lora(st.cfg)
+    # What samples and evaluations show: EMA where kept, adapters merged into the flow model.
+    shown = lambda: lora_run.sampling_view(sampling.sampling_params(state.params, state.ema), lcfg)
     samples = (sampling.stage_sample_maker(config, name, st.models, st.tokenizer, workdir)
                if config.samples.enabled and not st.cfg.latent_cache else None)
     evaluator = None
@@ -284,8 +293,7 @@ def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | N
 
     def make_samples() -> None:  # grids to samples/ and TensorBoard (weights gathered by all hosts)
         if samples is not None:
-            writer.images(offset + step, samples.make(
-                sampling.sampling_params(state.params, state.ema), step))
+            writer.images(offset + step, samples.make(shown(), step))
 
     def save(force: bool, reason: str = "") -> bool:
         if not bool(_params_finite(state.params)):  # never write a non-finite state over a good one
@@ -365,8 +373,7 @@ def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | N
                         f"{g} x{v:.3g}" for g, v in changed.items()))
             ev = {}
             if evaluator is not None and step % int(config.eval.interval_steps) == 0:
-                ev = controls_lib.same_on_every_process(
-                    evaluator(sampling.sampling_params(state.params, state.ema)))
+                ev = controls_lib.same_on_every_process(evaluator(shown()))
                 pbar.write(f"[{name}] step {step}: " + " ".join(
                     f"{k.split('/', 1)[-1]}={v:.4g}" for k, v in ev.items()))
             if ev or step % int(config.log_interval) == 0 or step == st.total_steps:
@@ -409,6 +416,8 @@ def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | N
         checkpointer.wait_until_finished()
         make_samples()
         weights.save_stage(workdir, name, st.models, state, carried)
+        if lcfg is not None:
+            lora_run.save_outputs(workdir, name, st.models, state, carried, lcfg)
         if jax.process_index() == 0 and config.plots:
             plots.make_plots(workdir, name)
         if jax.process_count() > 1:  # the next stage reads what process 0 just wrote

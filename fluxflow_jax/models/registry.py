@@ -30,6 +30,10 @@ from fluxflow_jax.models.text import BertTextEncoder
 from fluxflow_jax.models.vae import FluxCompressor, FluxExpander
 from fluxflow_jax.state import MODEL_NAMES
 
+# The models built from modules here (``flow_lora`` is a param tree over ``flow``, lora.py). The
+# init keys split over this fixed tuple so a fresh init stays the same when MODELS grows.
+MODULE_NAMES = ("compressor", "expander", "flow", "text_encoder", "discriminator")
+
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 _TOP_KEYS = {"vae_dim", "downscales", "upscales", "vae_attn_layers", "vae_attn_heads",
              "flow_dim", "flow_layers", "flow_heads", "text_embedding_dim", "max_hw",
@@ -52,7 +56,7 @@ class ModelSet:
     discriminator: PatchDiscriminator | None = None
 
     def names(self) -> tuple[str, ...]:
-        return tuple(n for n in MODEL_NAMES if getattr(self, n) is not None)
+        return tuple(n for n in MODULE_NAMES if getattr(self, n) is not None)
 
     def require(self, name: str, why: str) -> nn.Module:
         m = getattr(self, name)
@@ -106,7 +110,7 @@ def pipeline_ctx_tokens(model_cfg: Mapping[str, Any]) -> int:
 def build_models(model_cfg: Mapping[str, Any], needed: set[str]) -> ModelSet:
     """Construct the modules in ``needed`` (a subset of ``MODEL_NAMES``) from ``model_cfg``."""
     bad = sorted(set(needed) - set(MODEL_NAMES))
-    if bad:
+    if bad:  # a 'flow_lora' entry builds nothing: adapters are params over the flow module
         raise ValueError(f"build_models: unknown model name(s) {bad}; expected {MODEL_NAMES}")
     _check_keys(model_cfg, _TOP_KEYS, "model")
     dt = compute_dtype(model_cfg)
@@ -180,7 +184,7 @@ def init_params(models: ModelSet, rng: jax.Array, image_hw: tuple[int, int] = (3
     on ``image_hw``/``text_len`` (they only size the dummy inputs). The expander is initialised
     with SPADE on so its SPADE weights exist whatever the stage trains.
     """
-    keys = dict(zip(MODEL_NAMES, jax.random.split(rng, len(MODEL_NAMES))))
+    keys = dict(zip(MODULE_NAMES, jax.random.split(rng, len(MODULE_NAMES))))
     h, w = image_hw
     dims = (models.compressor and models.compressor.d_model,
             models.expander and models.expander.d_model,

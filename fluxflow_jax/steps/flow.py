@@ -14,6 +14,14 @@ Objectives (``loss.objective``):
 * ``v_prediction``: the reference's DDPM objective (linear betas, its cosine-shaped index
   sampling, ``v = sqrt(ab) eps - sqrt(1-ab) x``), with the model time ``(i + 0.5) / 999`` so the
   embedding index is ``i`` (the reference's integer t collapsed it, section 10 item 2).
+
+LoRA (``lora_cfg``, a stage's ``lora`` block): the flow model runs with ``params['flow_lora']``
+merged into its frozen kernels (``lora.merge``); only the adapters are differentiated. DOP
+(``dop_multiplier > 0``): on ``batch['dop_input_ids']`` (the captions with the trigger replaced by
+the class word) the adapted prediction is pulled toward the base model's (adapters off, no
+gradient) at the same ``x_t`` and ``t`` with the objective's loss weighting, on steps where
+``step % dop_every_n_steps == 0`` (a ``lax.cond``: the two extra forward passes cost nothing on
+the other steps); ``train/loss_dop`` and ``train/dop_ran`` show when it ran.
 """
 from __future__ import annotations
 
@@ -26,7 +34,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from fluxflow_jax import losses
+from fluxflow_jax import lora, losses
 from fluxflow_jax.models.registry import ModelSet
 from fluxflow_jax.models.vae import hw_token
 from fluxflow_jax.state import TrainState
@@ -72,20 +80,23 @@ def flow_latent_grid(models: ModelSet, n_tokens: int,
 
 # What this step may log (the loop checks stop/plateau metric names against it).
 METRICS = ("train/loss_flow", "train/pred_mean", "train/pred_std", "train/t_mean",
-           "train/grad_norm_flow", "train/grad_norm_text") + common.COMMON_METRICS
+           "train/grad_norm_flow", "train/grad_norm_text", "train/grad_norm_lora",
+           "train/loss_dop", "train/dop_ran") + common.COMMON_METRICS
 
 
 def make_flow_step(models: ModelSet, tx: optax.GradientTransformation,
                    loss_cfg: Mapping[str, Any] | None, mesh: Mesh, state_sharding: Any, *,
                    image_hw: tuple[int, int] | None = None, frozen: Collection[str] = (),
                    advance_step: bool | None = None,
-                   null_prompt: Mapping[str, Any] | None = None):
+                   null_prompt: Mapping[str, Any] | None = None,
+                   lora_cfg: Mapping[str, Any] | None = None):
     """Jitted ``step(state, batch, rng) -> (state, metrics)`` training the flow model
     (and the text encoder when ``loss.train_text_encoder``).
 
     Batch: ``image`` [B,H,W,3] or ``latent`` [B,T+1,d]; and ``input_ids`` + ``attention_mask``
     [B,L] int32 or ``text_emb`` [B,E]. ``advance_step`` defaults to True (the flow step is the
-    last of an iteration). ``null_prompt``: see ``_null_prompt``.
+    last of an iteration). ``null_prompt``: see ``_null_prompt``. ``lora_cfg``: see the module
+    docstring (DOP also needs ``dop_input_ids`` + ``dop_attention_mask`` in the batch).
     """
     cfg = common.loss_settings(loss_cfg)
     flow = models.require("flow", "the flow step")
@@ -100,6 +111,10 @@ def make_flow_step(models: ModelSet, tx: optax.GradientTransformation,
                          "v_prediction uses the reference's plain MSE (set it to 'uniform')")
     null = _null_prompt(cfg, null_prompt, te is not None)
     advance = True if advance_step is None else bool(advance_step)
+    lcfg = lora.settings(lora_cfg)
+    l_scale = lora.scale(lcfg["rank"], lcfg["alpha"]) if lcfg else 0.0
+    dop_mult = float(lcfg["dop_multiplier"]) if lcfg else 0.0
+    dop_every = int(lcfg["dop_every_n_steps"]) if lcfg else 1
 
     def encode_text(pt, ids, mask, key, deterministic):
         return te.apply({"params": pt}, ids, mask, deterministic=deterministic,
@@ -107,7 +122,9 @@ def make_flow_step(models: ModelSet, tx: optax.GradientTransformation,
 
     def loss_fn(trainable: dict, state: TrainState, packed: jax.Array, batch: Mapping,
                 key: jax.Array, hw, null_in: dict | None):
-        pf = trainable.get("flow", state.params["flow"])
+        pf = pf_base = trainable.get("flow", state.params["flow"])
+        if lcfg is not None:
+            pf = lora.merge(pf, trainable.get("flow_lora", state.params["flow_lora"]), l_scale)
         k_te, k_cfg, k_t, k_n = jax.random.split(key, 4)
         if "text_emb" in batch:
             emb = batch["text_emb"].astype(F32)
@@ -124,22 +141,37 @@ def make_flow_step(models: ModelSet, tx: optax.GradientTransformation,
         x1, hw_tok = packed[:, :-1].astype(F32), packed[:, -1:].astype(F32)
         b = x1.shape[0]
         noise = jax.random.normal(k_n, x1.shape, F32)
+        predict = lambda p, xin, e, t: flow.apply({"params": p}, xin, e, t,
+                                                  hw=hw)[:, :-1].astype(F32)
         if objective == "flow_matching":
             t = losses.sample_timesteps(k_t, b, cfg["timestep_sampling"])
-            xt = losses.flow_interpolate(noise, x1, t)
-            pred = flow.apply({"params": pf}, jnp.concatenate([xt, hw_tok], 1), emb, t,
-                              hw=hw)[:, :-1].astype(F32)
+            xin = jnp.concatenate([losses.flow_interpolate(noise, x1, t), hw_tok], 1)
+            pred = predict(pf, xin, emb, t)
             loss = losses.flow_matching_loss(pred, noise, x1, t, cfg["loss_weighting"])
+            weights = losses.flow_loss_weights(t, cfg["loss_weighting"])
         else:
             idx = losses.sample_ddpm_timesteps(k_t, b)
-            xt = losses.ddpm_add_noise(x1, noise, idx)
             t = losses.ddpm_model_time(idx)
-            pred = flow.apply({"params": pf}, jnp.concatenate([xt, hw_tok], 1), emb, t,
-                              hw=hw)[:, :-1].astype(F32)
+            xin = jnp.concatenate([losses.ddpm_add_noise(x1, noise, idx), hw_tok], 1)
+            pred = predict(pf, xin, emb, t)
             loss = jnp.mean(jnp.square(pred - losses.v_prediction_target(x1, noise, idx)))
+            weights = jnp.ones((b,), F32)
         m = {"train/loss_flow": loss, "train/pred_mean": jnp.mean(pred),
              "train/pred_std": jnp.std(pred), "train/t_mean": jnp.mean(t)}
-        return loss, m
+        total = loss
+        if dop_mult > 0:
+            def dop_term(_):
+                pt = trainable.get("text_encoder", state.params.get("text_encoder"))
+                emb_c = encode_text(pt, batch["dop_input_ids"], batch["dop_attention_mask"],
+                                    k_te, True)
+                base = jax.lax.stop_gradient(predict(pf_base, xin, emb_c, t))
+                per = jnp.mean(jnp.square(predict(pf, xin, emb_c, t) - base).reshape(b, -1), 1)
+                return jnp.mean(weights * per)
+            ran = (state.step % dop_every) == 0
+            loss_dop = jax.lax.cond(ran, dop_term, lambda _: jnp.zeros((), F32), None)
+            total = loss + dop_mult * loss_dop
+            m.update({"train/loss_dop": loss_dop, "train/dop_ran": ran.astype(F32)})
+        return total, m
 
     def step_fn(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array,
                 null_in: dict | None = None):
@@ -155,6 +187,12 @@ def make_flow_step(models: ModelSet, tx: optax.GradientTransformation,
         elif train_te:
             raise ValueError("flow step: loss.train_text_encoder=True but the batch carries "
                              "cached 'text_emb'; the encoder must see token ids to train")
+        if lcfg is not None and "flow_lora" not in state.params:
+            raise ValueError("flow step: lora_cfg given but the state has no 'flow_lora' params "
+                             "(train.create_state adds them for a stage with 'lora' in train)")
+        if dop_mult > 0:
+            common.require(batch, ("dop_input_ids", "dop_attention_mask"),
+                           "flow step with DOP (lora.dop_multiplier > 0)")
         key = common.step_key(rng, state.step, "flow")
         k_enc, k_loss = jax.random.split(key)
         if "latent" in batch and batch["latent"].ndim == 4:  # cached grid [B, h, w, d]
@@ -185,7 +223,8 @@ def make_flow_step(models: ModelSet, tx: optax.GradientTransformation,
             # Zero gradients do not stop weight decay: keep the frozen DistilBERT as it was.
             new_params["text_encoder"] = {**new_params["text_encoder"], "language_model":
                                           state.params["text_encoder"]["language_model"]}
-        m.update(common.grad_norms(grads, {"flow": ("flow",), "text": ("text_encoder",)}))
+        m.update(common.grad_norms(grads, {"flow": ("flow",), "text": ("text_encoder",),
+                                           "lora": ("flow_lora",)}))
         return common.finish(
             state, "flow", ok, advance, m, params=new_params,
             opt_state={**state.opt_state, "flow": new_opt},
