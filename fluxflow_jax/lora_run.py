@@ -18,6 +18,7 @@ import numpy as np
 from fluxflow_jax import data as data_lib
 from fluxflow_jax import interop, lora, lora_io, weights
 from fluxflow_jax import workdir as wd
+from fluxflow_jax.sharding import to_host
 from fluxflow_jax.state import TrainState
 
 
@@ -100,9 +101,9 @@ def save_outputs(workdir: Path, stage: str, models: Any, state: TrainState, carr
                  cfg: Mapping) -> list[Path]:
     """``W/export/<stage>/lora.safetensors`` (EMA adapters where kept: what samples showed) and,
     with ``export_merged``, the merged reference-layout export in ``W/export/<stage>/merged``."""
+    params = to_host({**state.params, **state.ema})  # every host gathers (fsdp over hosts)
     if jax.process_index() != 0:
         return []
-    params = jax.device_get({**state.params, **state.ema})
     out = wd.export_dir(workdir, stage)
     written = [lora_io.save_adapter(out / lora_io.ADAPTER_FILE, params["flow_lora"],
                                     adapter_meta(cfg))]

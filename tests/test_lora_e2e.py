@@ -136,3 +136,24 @@ def test_lora_merged_export_equals_base_plus_adapter(experiment):
     moved = [float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
              for a, b in zip(jax.tree.leaves(merged["flow"]), jax.tree.leaves(base["flow"]))]
     assert max(moved) > 1e-6  # the export really is merged, not the base again
+
+
+def test_lora_resume_after_preemption_is_exact(experiment, tmp_path):
+    """The DOP run, as a preemption right after its step-2 checkpoint leaves it, rerun with the
+    same command: it resumes there and ends with the same adapter file, byte for byte."""
+    sys.path.insert(0, str(ROOT / "experiments" / "lora_shapes"))
+    import run as lora_shapes  # the experiment's own training command
+
+    from run_utils import rewound_copy
+    w = rewound_copy(experiment / "lora_dop", tmp_path / "resumed", "lora", 2)
+    extra = ["--config.checkpoint.interval_steps=2", "--config.plots=False",
+             "--config.tensorboard=False", "--config.stages.lora.lora.export_merged=True"]
+    first = w / "samples" / "lora_gen_step000000.png"
+    first.unlink()  # a run that started over (instead of resuming) would draw it again
+    lora_shapes.train(w, "", experiment / "data", "tiny", 4, 1.0, extra)
+    assert not first.exists() and (w / "samples" / "lora_gen_step000004.png").is_file()
+    name = Path("export") / "lora" / lora_io.ADAPTER_FILE
+    assert (w / name).read_bytes() == (experiment / "lora_dop" / name).read_bytes()
+    rows = [json.loads(x) for x in (w / "graph" / "training_metrics_lora.jsonl").read_text()
+            .splitlines()]
+    assert [r["global_step"] for r in rows] == sorted({r["global_step"] for r in rows})

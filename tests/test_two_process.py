@@ -12,7 +12,6 @@ numbers; start-up mistakes and a dead host end with a message instead of a hang.
 """
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from run_utils import rewound_copy
 from safetensors.numpy import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,7 +131,7 @@ def test_two_processes_train_like_one_process_with_the_same_devices(tmp_path):
 
     # Another topology: the 2-process run, as if preempted right after its flow checkpoint at
     # step 8, resumes as 1 process and continues with the same numbers as the 1-process run.
-    w3 = _rewound_copy(w2, tmp_path / "resumed", "flow", 8)
+    w3 = rewound_copy(w2, tmp_path / "resumed", "flow", 8)
     three = subprocess.run(_cmd(w3, "off"), cwd=ROOT, env=_env(8), capture_output=True, text=True,
                            timeout=TIMEOUT, check=False)
     assert three.returncode == 0, three.stderr[-3000:]
@@ -149,24 +149,6 @@ def test_two_processes_train_like_one_process_with_the_same_devices(tmp_path):
         np.testing.assert_allclose(e3[k], e1[k], rtol=1e-4, atol=2e-4 if gradient_free else 2e-5,
                                    err_msg=k)
 
-
-def _rewound_copy(src, dst, stage, step):
-    """A copy of a finished workdir as a preemption right after ``stage``'s checkpoint ``step``
-    leaves it: later checkpoints, the stage's param file and exports gone, the stage unfinished
-    (its JSONL keeps later rows; the resumed run drops and rewrites them)."""
-    shutil.copytree(src, dst)
-    for p in (dst / "checkpoints" / stage).iterdir():
-        if int(p.name) > step:
-            shutil.rmtree(p)
-    assert (dst / "checkpoints" / stage / str(step)).is_dir(), "no checkpoint at that step"
-    shutil.rmtree(dst / "stages" / stage)
-    shutil.rmtree(dst / "export" / stage)
-    ps = json.loads((dst / "pipeline_state.json").read_text())
-    ps["finished"] = [s for s in ps["finished"] if s != stage]
-    ps["current"] = stage
-    ps.get("results", {}).pop(stage, None)
-    (dst / "pipeline_state.json").write_text(json.dumps(ps))
-    return dst
 
 
 CKPT_SCRIPT = """
