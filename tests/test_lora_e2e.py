@@ -3,6 +3,7 @@
 same fresh tiny base, then measures), and ``python -m fluxflow_jax.generate --lora``."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -141,8 +142,12 @@ def test_lora_merged_export_equals_base_plus_adapter(experiment):
 def test_lora_resume_after_preemption_is_exact(experiment, tmp_path):
     """The DOP run, as a preemption right after its step-2 checkpoint leaves it, rerun with the
     same command: it resumes there and ends with the same adapter file, byte for byte."""
-    sys.path.insert(0, str(ROOT / "experiments" / "lora_shapes"))
-    import run as lora_shapes  # the experiment's own training command
+    # the experiment's own training command, under its own module name (bezier_vs_relu's test
+    # imports another run.py as ``run`` into the same worker)
+    spec = importlib.util.spec_from_file_location("lora_shapes_run",
+                                                  ROOT / "experiments" / "lora_shapes" / "run.py")
+    lora_shapes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lora_shapes)
 
     from run_utils import rewound_copy
     w = rewound_copy(experiment / "lora_dop", tmp_path / "resumed", "lora", 2)

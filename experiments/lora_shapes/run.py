@@ -36,37 +36,12 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments" / "shapes_t2i"))
+
+from measure import color_votes, save_grid, to_u8  # the shapes colour score's vote
 
 from fluxflow_jax import loading, lora_io, sampling
 from fluxflow_jax.data import shapes
-
-PALETTE = np.array(list(shapes.COLORS.values()), np.float32)  # [6, 3]
-
-
-def to_u8(x: np.ndarray) -> np.ndarray:
-    """[-1, 1] images -> uint8."""
-    return np.clip(np.rint((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
-def color_votes(img_u8: np.ndarray, sat_min: int = 50) -> np.ndarray:
-    """Counts per palette colour of the saturated pixels of one ``[H, W, 3]`` image: the shapes
-    colour score's vote (experiments/shapes_t2i/measure.py ``color_votes``, same rule)."""
-    px = img_u8.reshape(-1, 3).astype(np.int32)
-    px = px[(px.max(1) - px.min(1)) > sat_min]
-    if len(px) == 0:
-        return np.zeros(len(PALETTE), np.int64)
-    d = np.sum(np.square(px[:, None, :].astype(np.float32) - PALETTE), axis=-1)
-    return np.bincount(np.argmin(d, axis=-1), minlength=len(PALETTE))
-
-
-def save_grid(images_u8: np.ndarray, path: Path, ncol: int, scale: int = 3) -> None:
-    n, h, w, _ = images_u8.shape
-    rows = -(-n // ncol)
-    g = np.zeros((rows * (h + 1) + 1, ncol * (w + 1) + 1, 3), np.uint8)
-    for i in range(n):
-        r, c = divmod(i, ncol)
-        g[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w] = images_u8[i]
-    Image.fromarray(g).resize((g.shape[1] * scale, g.shape[0] * scale), Image.NEAREST).save(path)
 
 
 def make_data(out: Path, n: int, color: str, trigger: str, size: int, seed: int = 4242) -> Path:
