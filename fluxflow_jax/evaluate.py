@@ -18,6 +18,8 @@ no training image is ever evaluated; on other datasets it is a fixed batch of th
   colour covers at least ``min_pixels`` pixels; ``relation_score``: fraction of two-object
   prompts whose two colours' centroids stand in the prompted relation. The same scores of the
   real held-out images are reported as ``*_data`` (what a perfect model reaches).
+  ``recon_color_score``: the colour score of the reconstructions of the single-object scenes
+  (does the VAE keep each object's colour).
 
 ``Evaluator(models, ...)(params) -> {'eval/psnr': ..., ...}`` is what a training loop calls every
 ``eval_interval`` steps; ``make_evaluator(config, models, tokenizer, stage_cfg)`` builds it from
@@ -156,6 +158,17 @@ def conditioning_scores(images: np.ndarray, scenes: Sequence[shapes.ShapeScene],
             "relation_score": rel_ok / n_rel if n_rel else float("nan")}
 
 
+def recon_color_score(reconstructions: np.ndarray,
+                      scenes: Sequence[shapes.ShapeScene]) -> float:
+    """``color_score`` of the reconstructions of the single-object scenes: does the VAE give
+    each object back in its colour (NaN when no scene has one object)."""
+    one = [i for i, sc in enumerate(scenes) if len(sc.objects) == 1]
+    if not one:
+        return float("nan")
+    return conditioning_scores(np.asarray(reconstructions)[one],
+                               [scenes[i] for i in one])["color_score"]
+
+
 # ----------------------------------------------------------------------------------------------
 # held-out data
 
@@ -215,6 +228,7 @@ class Evaluator:
             out["psnr_mean_image"] = mean_image_baseline(x)
             if self.scenes is not None:
                 out["psnr_background"] = background_baseline(x, self.scenes)
+                out["recon_color_score"] = recon_color_score(y, self.scenes)
             if self._lpips is not None:
                 out["lpips"] = float(np.mean(self._lpips(self.lpips_params, x, y)))
         if self.gen is not None:

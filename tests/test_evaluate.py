@@ -188,6 +188,15 @@ def test_conditioning_scores_from_pixels():
     assert got["relation_score"] == 0.0
     with pytest.raises(ValueError, match="3 images for 24 scenes"):
         evaluate.conditioning_scores(images[:3], scenes)
+    # the reconstruction colour score counts the single-object scenes only
+    one = [i for i, s in enumerate(scenes) if len(s.objects) == 1]
+    assert 0 < len(one) < len(scenes)
+    assert evaluate.recon_color_score(images, scenes) == 1.0
+    assert evaluate.recon_color_score(np.stack(recoloured), scenes) == 0.0
+    mixed = np.stack([recoloured[i] if i == one[0] else images[i] for i in range(len(scenes))])
+    assert evaluate.recon_color_score(mixed, scenes) == pytest.approx(1 - 1 / len(one))
+    two = [s for s in scenes if len(s.objects) == 2]
+    assert np.isnan(evaluate.recon_color_score(images[:len(two)] * 0, two))
 
 
 def test_evaluator_returns_flat_metrics_for_the_models_present():

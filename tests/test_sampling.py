@@ -302,8 +302,8 @@ def test_make_evaluator_from_the_run_config(tiny):
     assert facts == {"dataset": "shapes", "held_out": True, "num": 4}
     m = ev(params)
     assert set(m) == {f"eval/{k}" for k in (
-        "psnr", "ssim", "psnr_mean_image", "psnr_background", "color_score", "relation_score",
-        "color_score_data", "relation_score_data")}
+        "psnr", "ssim", "psnr_mean_image", "psnr_background", "recon_color_score", "color_score",
+        "relation_score", "color_score_data", "relation_score_data")}
     assert ev.gen.settings == SampleSettings("euler", int(config.stages.flow.sample_steps),
                                              float(config.stages.flow.guidance_scale))
     assert ev.last_images["generated"].shape == (4, 16, 16, 3)
