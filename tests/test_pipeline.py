@@ -22,7 +22,8 @@ from fluxflow_jax import interop
 from fluxflow_jax import workdir as workdir_lib
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ["configs/phase1.py", "configs/phase2.py", "configs/pipeline.py", "configs/demo.py"]
+CONFIGS = ["configs/phase1.py", "configs/phase2.py", "configs/pipeline.py", "configs/demo.py",
+           "experiments/shapes_t2i/config.py"]  # the last two train on embedded data
 DEMO = "configs/demo.py:test"
 pytestmark = pytest.mark.xdist_group("pipeline")
 # One compilation cache for this module's runs: the first run compiles, the restarts reuse it
@@ -122,7 +123,8 @@ def test_every_shipped_config_is_valid_and_has_a_plan(config):
     # away from its data, only the data paths are reported (each naming its key)
     errs = stages.validate_config(c)
     assert all(e.startswith("datasets.") and e.endswith("does not exist") for e in errs), errs
-    assert bool(errs) == (not config.endswith(":runlocal") and "demo" not in config)
+    embedded = "demo" in config or "shapes_t2i" in config
+    assert bool(errs) == (not config.endswith(":runlocal") and not embedded)
     plan = stages.describe_plan(c)
     for name in c.stage_order:
         assert name in plan
