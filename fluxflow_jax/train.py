@@ -282,7 +282,7 @@ def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | N
     # What samples and evaluations show: EMA where kept, adapters merged into the flow model.
     shown = lambda: lora_run.sampling_view(sampling.sampling_params(state.params, state.ema), lcfg)
     samples = (sampling.stage_sample_maker(config, name, st.models, st.tokenizer, workdir)
-               if config.samples.enabled and not st.cfg.latent_cache else None)
+               if config.samples.enabled else None)
     evaluator = None
     if int(config.eval.interval_steps) > 0:  # on every host: fsdp weights are gathered by all
         evaluator, _ = evaluate.make_evaluator(

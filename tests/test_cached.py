@@ -49,9 +49,12 @@ def test_flow_from_cached_latents_matches_flow_from_images(tmp_path, img_size):
     cfg = str(_config(tmp_path, img_size))
     a = _run(tmp_path / "images", config=cfg)
     assert a.returncode == 0, a.stderr[-3000:]
-    b = _run(tmp_path / "cached", "--config.stages.flow.latent_cache=True", config=cfg)
+    b = _run(tmp_path / "cached", "--config.stages.flow.latent_cache=True",
+             "--config.samples.enabled=True", config=cfg)
     assert b.returncode == 0, b.stderr[-3000:]
     assert "[cache] encoding datasets.shapes" in b.stdout
+    # a cached stage still draws its prompts' sample grid (it used to skip samples silently)
+    assert (tmp_path / "cached" / "samples" / "flow_gen_step000003.png").is_file()
     caches = list((tmp_path / "cached" / "cache").glob("shapes-*/manifest.json"))
     assert len(caches) == 1
     la, lb = _losses(tmp_path / "images"), _losses(tmp_path / "cached")
