@@ -209,10 +209,12 @@ def test_evaluator_returns_flat_metrics_for_the_models_present():
     images, scenes = _heldout(4, 16)
     ev = evaluate.Evaluator(models, images=images, scenes=scenes)
     m = ev(params)
-    assert set(m) == {"eval/psnr", "eval/ssim", "eval/psnr_mean_image", "eval/psnr_background"}
+    assert set(m) == {"eval/psnr", "eval/ssim", "eval/psnr_mean_image", "eval/psnr_background",
+                      "eval/recon_color_score"}
     y = ev.last_images["reconstruction"]
+    np.testing.assert_equal(m["eval/recon_color_score"], evaluate.recon_color_score(y, scenes))
     assert m["eval/psnr"] == pytest.approx(float(np.mean(psnr(images, y))), rel=1e-6)
     assert m["eval/psnr_background"] == pytest.approx(
         evaluate.background_baseline(images, scenes), rel=1e-6)
     table = evaluate.format_table(m)
-    assert "psnr_mean_image" in table.splitlines()[1] and len(table.splitlines()) == 3
+    assert "psnr_mean_image" in table.splitlines()[1] and len(table.splitlines()) == 4
