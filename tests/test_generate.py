@@ -76,8 +76,10 @@ def test_generate_from_workdir(workdir, tmp_path):
                             "002_a_green_triangle.png", "003_a_green_triangle.png"]
     assert all(a.shape == (16, 16, 3) for a in imgs.values())  # the run's dataset size
     s = json.loads((out / "settings.json").read_text())
+    flow_cfg = json.loads((Path(workdir) / "config.json").read_text())["stages"]["flow"]
     assert (s["stage"], s["weights"], s["sampler"], s["steps"], s["guidance"]) == (
-        "flow", "ema", "euler", 4, 2.0)  # the stage's objective, sample_steps, guidance_scale
+        "flow", "ema", "euler", flow_cfg["sample_steps"], flow_cfg["guidance_scale"])
+    assert (flow_cfg["sample_steps"], flow_cfg["guidance_scale"]) == (4, 4.0)  # demo.py:test
     assert s["files"] == sorted(imgs) and s["prompts"] == GEN[1:4:2]
     with Image.open(out / "grid.png") as g:
         assert g.size[0] == 2 * (128 + 2) + 2 and g.size[1] > 2 * (128 + 2)  # 2 rows + captions
