@@ -66,10 +66,11 @@ def get_config(arg: str = ""):
                     "discriminator": cd.optimizer("AdamW", 1e-3, betas=(0.0, 0.9), clip_norm=0.0)},
         loss={"kl_warmup_steps": 0, "r1_interval": 4, **vae_loss})
     c.stages.flow = cd.stage(
-        # From cached latents (the frozen VAE encodes the data once), batch 32: generations follow
-        # the prompt's colour; at batch 8 / d=32 they stay faint scattered blobs (README, runs f*).
+        # From cached latents (the frozen VAE encodes the data once), batch 16 (the test size uses
+        # the run's batch, which tests resize): generations follow the prompt's colour; at batch 8
+        # with d=32 they stay faint scattered blobs (experiments/shapes_t2i/README.md, runs f*).
         "flow", train=("flow", "text_encoder"), freeze=("compressor", "expander"),
-        steps=n(2500, 12), batch_size=n(16, 4), latent_cache=not small,
+        steps=n(2500, 12), batch_size=n(16, 0), latent_cache=not small,
         optimizers={"flow": adam(2e-3), "text_encoder": adam(1e-3)},
         schedulers={"flow": cosine(0.1)},
         loss={"sample_posterior": False},
