@@ -74,11 +74,13 @@ class Ours:
         import jax
         import optax
 
+        from fluxflow_jax import xla  # the compile options the training steps use
+
         params, extra, parts, self.inputs, self.torch_weights = build_case(case, dtype)
         tx = optax.adam(1e-4)
         self.steps, opt_states = [], []
         for names, loss_fn in parts:
-            self.steps.append(jax.jit(self._make_step(names, loss_fn, tx),
+            self.steps.append(xla.jit(self._make_step(names, loss_fn, tx),
                                       donate_argnums=(0, 1, 2)))
             opt_states.append(tx.init({n: params[n] for n in names}))
         self.params, self.extra, self.opt_states = params, extra, opt_states

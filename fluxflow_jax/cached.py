@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from fluxflow_jax import data as data_lib
+from fluxflow_jax import xla
 from fluxflow_jax.models.registry import ModelSet
 
 
@@ -40,7 +41,7 @@ def encode_fns(models: ModelSet, params: Mapping[str, Any], cache_text: bool):
     comp = models.compressor
     pc = params["compressor"]
 
-    @jax.jit
+    @xla.jit
     def _encode(img):
         packed, _, _ = comp.apply({"params": pc}, img, sample=False)
         return packed[:, :-1]

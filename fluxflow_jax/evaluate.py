@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fluxflow_jax import interop, loading, sampling, stages
+from fluxflow_jax import interop, loading, sampling, stages, xla
 from fluxflow_jax.data import resolve_dataset_config, shapes
 from fluxflow_jax.grids import from_uint8, make_grid, save_grid, to_uint8  # noqa: F401 (API)
 from fluxflow_jax.lpips import load_lpips_weights, lpips_distance
@@ -204,7 +204,7 @@ class Evaluator:
         names = set(models.names())
         self._recon = None
         if {"compressor", "expander"} <= names:
-            self._recon = jax.jit(lambda p, x: sampling.reconstruct(models, p, x,
+            self._recon = xla.jit(lambda p, x: sampling.reconstruct(models, p, x,
                                                                     use_context=use_context))
         self.gen = None
         if self.scenes is not None and {"flow", "text_encoder", "expander"} <= names:
@@ -214,7 +214,7 @@ class Evaluator:
                                           image_hw=self.images.shape[1:3], settings=settings,
                                           null=null, mesh=mesh, rng_impl=rng_impl,
                                           use_context=use_context)
-        self._lpips = jax.jit(lpips_distance) if lpips_params is not None else None
+        self._lpips = xla.jit(lpips_distance) if lpips_params is not None else None
         self.last_images: dict[str, np.ndarray] = {}
 
     def __call__(self, params: Mapping) -> dict[str, float]:

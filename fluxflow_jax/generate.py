@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 from safetensors.numpy import load_file, save_file
 
-from fluxflow_jax import evaluate, grids, interop, loading, lora_io, sampling
+from fluxflow_jax import evaluate, grids, interop, loading, lora_io, sampling, xla
 from fluxflow_jax.loading import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -165,7 +165,7 @@ def run_reconstruct(loaded: loading.Loaded, args: argparse.Namespace) -> dict[st
     items = read_images(_need(args.images, "--images"), multiple)
     out = Path(_need(args.out, "--out"))
     ctx = _use_context(loaded, args)
-    fn = jax.jit(lambda p, x: sampling.reconstruct(loaded.models, p, x, use_context=ctx))
+    fn = xla.jit(lambda p, x: sampling.reconstruct(loaded.models, p, x, use_context=ctx))
     scores: dict[str, float] = {}
     for idx in _by_size(items).values():
         x = np.stack([items[i][1] for i in idx])
@@ -209,7 +209,7 @@ def load_latents(path: str | Path) -> dict[str, np.ndarray]:
 def run_encode(loaded: loading.Loaded, args: argparse.Namespace) -> dict[str, np.ndarray]:
     comp = loaded.models.compressor
     items = read_images(_need(args.images, "--images"), max(16, 2 ** comp.downscales))
-    fn = jax.jit(lambda p, x: comp.apply({"params": p}, x, sample=False)[0])
+    fn = xla.jit(lambda p, x: comp.apply({"params": p}, x, sample=False)[0])
     lat = {}
     for idx in _by_size(items).values():
         y = np.asarray(fn(loaded.params["compressor"], np.stack([items[i][1] for i in idx])))
@@ -224,7 +224,7 @@ def run_decode(loaded: loading.Loaded, args: argparse.Namespace) -> list[Path]:
     lat = load_latents(_need(args.latents, "--latents"))
     out = Path(_need(args.out, "--out"))
     ctx = _use_context(loaded, args)
-    fn = jax.jit(lambda p, x, hw: exp.apply({"params": p}, x, use_context=ctx, hw=hw),
+    fn = xla.jit(lambda p, x, hw: exp.apply({"params": p}, x, use_context=ctx, hw=hw),
                  static_argnums=2)
     written = []
     for name, packed in lat.items():

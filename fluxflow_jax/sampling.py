@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fluxflow_jax import data as data_lib
-from fluxflow_jax import grids, losses, sharding, stages
+from fluxflow_jax import grids, losses, sharding, stages, xla
 from fluxflow_jax.config_defaults import SAMPLERS
 from fluxflow_jax.models.registry import ModelSet
 from fluxflow_jax.models.vae import hw_token
@@ -278,7 +278,7 @@ class Generator:
         self.null_ids = (None if uncond is None else
                          tuple(jnp.asarray(a) for a in self._tokenize([uncond])))
         self.image_hw = tuple(int(s) for s in image_hw)
-        self._fn = jax.jit(lambda p, ids, mask, base, idx, nl: text_to_image(
+        self._fn = xla.jit(lambda p, ids, mask, base, idx, nl: text_to_image(
             models, p, ids, mask, image_keys(base, idx), image_hw=self.image_hw,
             settings=settings, null_ids=nl, use_context=use_context))
 
@@ -326,7 +326,7 @@ class SampleMaker:
         if self.images is not None:
             models.require("compressor", "reconstruction samples")
             models.require("expander", "reconstruction samples")
-            self._recon = jax.jit(lambda p, x: (reconstruct(models, p, x, use_context=use_context),
+            self._recon = xla.jit(lambda p, x: (reconstruct(models, p, x, use_context=use_context),
                                                 reconstruct(models, p, x, use_context=False)))
         self.prompts = list(prompts)
         self.gen = None

@@ -17,7 +17,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from fluxflow_jax import losses, optim, sharding
+from fluxflow_jax import losses, optim, sharding, xla
 from fluxflow_jax.state import TrainState, step_params
 
 # What a stage's ``train`` flags and EMA settings tell a step (set by the loop, not the loss block),
@@ -171,7 +171,7 @@ def make_jitted(fn: Callable, mesh: Mesh, state_sharding: Any, extra: Any = None
     repl = NamedSharding(mesh, P())
     data = sharding.batch_sharding(mesh)
     if extra is None:
-        jitted = jax.jit(fn, in_shardings=(state_sharding, data, repl),
+        jitted = xla.jit(fn, in_shardings=(state_sharding, data, repl),
                          out_shardings=(state_sharding, repl), donate_argnums=(0,))
 
         def step(state, batch, rng):
@@ -180,7 +180,7 @@ def make_jitted(fn: Callable, mesh: Mesh, state_sharding: Any, extra: Any = None
         step.lower = lambda state, batch, rng: jitted.lower(state, batch, rng)
     else:
         extra = jax.device_put(extra, repl)
-        jitted = jax.jit(fn, in_shardings=(state_sharding, data, repl, repl),
+        jitted = xla.jit(fn, in_shardings=(state_sharding, data, repl, repl),
                          out_shardings=(state_sharding, repl), donate_argnums=(0,))
 
         def step(state, batch, rng):
