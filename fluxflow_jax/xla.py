@@ -1,26 +1,35 @@
-"""``jit`` with the XLA compile options this codebase's convolutional steps need.
+"""``jit`` that picks, per jitted function, which library runs its convolutions on CPU.
 
-Why: on CPU, jaxlib 0.10 hands every convolution to YNNPACK (a library fusion). Its kernel
-gradient ("backprop filter") is 3.2x slower than XLA's own convolution on the discriminator's and
-the VAE's shapes (3x3, 128 -> 128 at 128 px, batch 2: 187 ms vs 59 ms, 52 vs 165 GFLOP/s; the
-forward and input gradient are level or 10% faster without it). Whole training steps, measured in
-one session on a 2-core Intel Xeon (``benchmarks/README.md``): the discriminator at base 64 /
-128 px 6.5 s -> 3.4 s, the VAE at d=32 / 128 px 1.26 s -> 0.93 s; the flow transformer and the
-text encoder (no convolution in their hot paths) unchanged. So every jit that runs our
-convolutional models keeps YNNPACK's other fusions (dots, reductions: the flag's default set
-minus ``INDIVIDUAL_CONVOLUTION``) and leaves convolutions to XLA.
+Why: on CPU, jaxlib 0.10 hands every convolution to YNNPACK (a library fusion). On large
+convolutions its kernel gradient ("backprop filter") is 2-3x slower than XLA's own convolution;
+on small ones YNNPACK is 10-25% faster. Measured on a 2-core Intel Xeon (3x3 same-width conv,
+forward + both gradients, YNNPACK / XLA time; ``benchmarks/README.md`` has the commands):
 
-The options are per compilation (``jax.jit(..., compiler_options=...)``), so nothing global is
-changed for a program that imports this package, and they are part of the persistent compilation
-cache's key. A user who sets ``--xla_cpu_experimental_ynn_fusion_type`` in ``XLA_FLAGS`` keeps
-their choice. On GPU and TPU nothing is passed.
+* batch 2: 128 px x 128 ch 273 / 117 ms, 64 px x 64 ch 15.1 / 9.5 ms, 32 px x 32 ch 0.96 / 1.32 ms;
+* batch 8: 32 px x 64 ch 14.5 / 7.2 ms, 16 px x 32 ch 1.0 / 1.2 ms.
+
+The crossover is at about ``2**19`` elements (``N*H*W*C``) in a convolution's input or output:
+below, the two are level or YNNPACK is ahead; above, XLA's wins, more the larger it is. Whole
+training steps: the discriminator at base 64 / 128 px 6.5 s -> 3.5 s and the VAE at d=32 /
+128 px 1.26 s -> 0.93 s with XLA's convolutions, while the discriminator at base 16 / 64 px is
+64 ms with YNNPACK and 80 ms without. So :func:`jit` traces the function at its first call (or
+``.lower``), finds its largest convolution, and compiles it with YNNPACK's default fusion set
+minus ``INDIVIDUAL_CONVOLUTION`` when that convolution reaches ``CONV_ELEMENTS_XLA``. The choice
+holds for the jitted function's later calls (a training stage keeps its shapes; aspect buckets
+change them little), and it only ever changes speed, never the numbers beyond rounding.
+
+The options are per compilation (``jax.jit(..., compiler_options=...)``), so nothing global
+changes for a program that imports this package, and they are part of the persistent
+compilation cache's key. A user who sets ``--xla_cpu_experimental_ynn_fusion_type`` in
+``XLA_FLAGS`` keeps their choice. Off CPU nothing is passed.
 """
 from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -30,10 +39,11 @@ YNN_FUSION_FLAG = "xla_cpu_experimental_ynn_fusion_type"
 # HLO of the flow step: the same fusions as the default, less the convolutions).
 CPU_YNN_FUSIONS = ("LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,"
                    "LIBRARY_FUSION_TYPE_REDUCE")
+CONV_ELEMENTS_XLA = 2 ** 19
 
 
 def options_for(backend: str, xla_flags: str) -> dict[str, str] | None:
-    """The compile options for ``backend`` given the user's ``XLA_FLAGS`` (pure; see module doc)."""
+    """The options that move convolutions to XLA on ``backend``, given the user's ``XLA_FLAGS``."""
     if backend != "cpu" or YNN_FUSION_FLAG in xla_flags:
         return None
     return {YNN_FUSION_FLAG: CPU_YNN_FUSIONS}
@@ -41,7 +51,7 @@ def options_for(backend: str, xla_flags: str) -> dict[str, str] | None:
 
 @functools.cache
 def compiler_options() -> dict[str, str] | None:
-    """This process's compile options for convolutional jits, checked once against jaxlib.
+    """This process's options for large-convolution jits, checked once against jaxlib.
 
     A jaxlib that no longer knows the flag would reject every compilation; then the options are
     dropped with a warning (a speed difference only, never a numerical one).
@@ -59,6 +69,59 @@ def compiler_options() -> dict[str, str] | None:
     return opts
 
 
+def _sub_jaxprs(params: dict) -> Iterator[Any]:
+    for v in params.values():
+        for p in (v if isinstance(v, (tuple, list)) else (v,)):
+            if hasattr(p, "eqns"):
+                yield p
+            elif hasattr(getattr(p, "jaxpr", None), "eqns"):
+                yield p.jaxpr
+
+
+def largest_conv(jaxpr: Any) -> int:
+    """Most elements in any convolution's input or output in ``jaxpr`` (sub-jaxprs included)."""
+    best = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            for v in (eqn.invars[0], *eqn.outvars):
+                best = max(best, math.prod(v.aval.shape))
+        for sub in _sub_jaxprs(eqn.params):
+            best = max(best, largest_conv(sub))
+    return best
+
+
+class _Jit:
+    """``jax.jit(fn, **kwargs)``, compiled with :func:`compiler_options` when the first call's
+    largest convolution reaches ``CONV_ELEMENTS_XLA``. Calls, ``lower`` and every other
+    attribute of the chosen ``jax.jit`` object pass through."""
+
+    def __init__(self, fn: Callable, kwargs: dict):
+        self.__wrapped__ = fn
+        self._default = jax.jit(fn, **kwargs)
+        self._kwargs = kwargs
+        self._chosen: Any = None
+        self.uses_xla_convolutions: bool | None = None  # decided at the first call
+
+    def _choose(self, args: tuple, kwargs: dict) -> Any:
+        if self._chosen is None:
+            opts = compiler_options()
+            big = opts is not None and largest_conv(
+                self._default.trace(*args, **kwargs).jaxpr.jaxpr) >= CONV_ELEMENTS_XLA
+            self.uses_xla_convolutions = big
+            self._chosen = (jax.jit(self.__wrapped__, compiler_options=opts, **self._kwargs)
+                            if big else self._default)
+        return self._chosen
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return (self._chosen or self._choose(args, kwargs))(*args, **kwargs)
+
+    def lower(self, *args: Any, **kwargs: Any) -> Any:
+        return self._choose(args, kwargs).lower(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._chosen or self._default, name)
+
+
 def jit(fn: Callable, **kwargs: Any) -> Any:
-    """``jax.jit(fn, **kwargs)`` with :func:`compiler_options`."""
-    return jax.jit(fn, compiler_options=compiler_options(), **kwargs)
+    """``jax.jit(fn, **kwargs)`` whose convolutions run where they are fastest (module doc)."""
+    return _Jit(fn, kwargs)
