@@ -9,7 +9,9 @@ timed alternately:
 * ``--cases``: whole gradient steps (loss + ``value_and_grad``) of ``benchmarks/_cases.py``,
   and what ``xla.jit`` chose for each.
 
-    python benchmarks/conv_backends.py --cases disc,disc64,vae16,vae32_128,flow,flow512
+    python benchmarks/conv_backends.py --grid --cases disc,disc64,vae16,vae32_128,flow,flow512
+    python benchmarks/conv_backends.py --grid --shapes 2x128x128,8x32x64 \
+        --dtypes float32,bfloat16 --out benchmarks/results/conv_backends_bf16.json
 
 Prints a table and writes ``results/conv_backends.json``.
 """
@@ -45,7 +47,7 @@ def _time_pair(f_default, f_xla, args, reps: int) -> tuple[float, float]:
     return statistics.median(ts[0]), statistics.median(ts[1])
 
 
-def grid(reps: int) -> list[dict]:
+def grid(reps: int, shapes: list[tuple[int, int, int]], dtypes: list[str]) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
@@ -54,18 +56,20 @@ def grid(reps: int) -> list[dict]:
     def loss(x, w):
         y = jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return jnp.sum(jnp.tanh(y))
+        return jnp.sum(jnp.tanh(y.astype(jnp.float32)))
     g = jax.grad(loss, argnums=(0, 1))
     rows = []
-    for b, s, c in GRID:
-        x = jax.random.normal(jax.random.key(0), (b, s, s, c))
-        w = 0.05 * jax.random.normal(jax.random.key(1), (3, 3, c, c))
-        td, tx = _time_pair(jax.jit(g), jax.jit(g, compiler_options=xla.compiler_options()),
-                            (x, w), reps)
-        rows.append({"batch": b, "size": s, "width": c, "elements": b * s * s * c,
-                     "ynn_ms": td * 1e3, "xla_ms": tx * 1e3, "ynn_over_xla": td / tx})
-        print(f"  B{b} {s:4d} px x {c:4d} ch  {b * s * s * c:>9d} el  YNNPACK {td * 1e3:8.2f} ms"
-              f"  XLA {tx * 1e3:8.2f} ms  ratio {td / tx:5.2f}", flush=True)
+    for dt in dtypes:
+        for b, s, c in shapes:
+            x = jax.random.normal(jax.random.key(0), (b, s, s, c)).astype(dt)
+            w = (0.05 * jax.random.normal(jax.random.key(1), (3, 3, c, c))).astype(dt)
+            td, tx = _time_pair(jax.jit(g), jax.jit(g, compiler_options=xla.compiler_options()),
+                                (x, w), reps)
+            rows.append({"dtype": dt, "batch": b, "size": s, "width": c,
+                         "elements": b * s * s * c, "ynn_ms": td * 1e3, "xla_ms": tx * 1e3,
+                         "ynn_over_xla": td / tx})
+            print(f"  {dt:8s} B{b} {s:4d} px x {c:4d} ch  {b * s * s * c:>9d} el  YNNPACK "
+                  f"{td * 1e3:8.2f} ms  XLA {tx * 1e3:8.2f} ms  ratio {td / tx:5.2f}", flush=True)
     return rows
 
 
@@ -100,6 +104,8 @@ def cases(names: list[str], reps: int) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--grid", action="store_true", help="time the convolution grid")
+    ap.add_argument("--shapes", default="", help="grid shapes as BxSIZExWIDTH,... (default: all)")
+    ap.add_argument("--dtypes", default="float32", help="grid dtypes, comma list")
     ap.add_argument("--cases", default="", help="comma list of benchmarks/_cases.py cases")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default=str(HERE / "results" / "conv_backends.json"))
@@ -115,7 +121,9 @@ def main() -> None:
            "threshold_elements": xla.CONV_ELEMENTS_XLA}
     if args.grid:
         print("3x3 convolution, forward + both gradients (median ms):")
-        out["grid"] = grid(args.reps)
+        shapes = ([tuple(int(v) for v in t.split("x")) for t in args.shapes.split(",")]
+                  if args.shapes else GRID)
+        out["grid"] = grid(args.reps, shapes, args.dtypes.split(","))
     if args.cases:
         print("whole gradient steps (median ms):")
         out["cases"] = cases([c for c in args.cases.split(",") if c], args.reps)

@@ -5,14 +5,14 @@ convolutions its kernel gradient ("backprop filter") is 2-3x slower than XLA's o
 on small ones YNNPACK is 10-25% faster. Measured on a 2-core Intel Xeon (3x3 same-width conv,
 forward + both gradients, YNNPACK / XLA time; ``benchmarks/README.md`` has the commands):
 
-* batch 2: 128 px x 128 ch 273 / 117 ms, 64 px x 64 ch 15.1 / 9.5 ms, 32 px x 32 ch 0.96 / 1.32 ms;
-* batch 8: 32 px x 64 ch 14.5 / 7.2 ms, 16 px x 32 ch 1.0 / 1.2 ms.
+* batch 2: 128 px x 128 ch 281 / 132 ms, 64 px x 64 ch 16.7 / 10.8 ms, 32 px x 32 ch 1.20 / 1.62 ms;
+* batch 8: 32 px x 64 ch 17.4 / 8.4 ms, 16 px x 32 ch 1.09 / 1.70 ms.
 
 The crossover is at about ``2**19`` elements (``N*H*W*C``) in a convolution's input or output:
 below, the two are level or YNNPACK is ahead; above, XLA's wins, more the larger it is. Whole
-training steps: the discriminator at base 64 / 128 px 6.5 s -> 3.5 s and the VAE at d=32 /
-128 px 1.26 s -> 0.93 s with XLA's convolutions, while the discriminator at base 16 / 64 px is
-64 ms with YNNPACK and 80 ms without. So :func:`jit` traces the function at its first call (or
+training steps (``benchmarks/conv_backends.py``): the discriminator at base 64 / 128 px 7.0 s ->
+3.5 s and the VAE at d=32 / 128 px 1.25 s -> 0.90 s with XLA's convolutions, while the
+discriminator at base 16 / 64 px is 67 ms with YNNPACK and 82 ms without. So :func:`jit` traces the function at its first call (or
 ``.lower``), finds its largest convolution, and compiles it with YNNPACK's default fusion set
 minus ``INDIVIDUAL_CONVOLUTION`` when that convolution reaches ``CONV_ELEMENTS_XLA``. The choice
 holds for the jitted function's later calls (a training stage keeps its shapes; aspect buckets
@@ -79,7 +79,12 @@ def _sub_jaxprs(params: dict) -> Iterator[Any]:
 
 
 def largest_conv(jaxpr: Any) -> int:
-    """Most elements in any convolution's input or output in ``jaxpr`` (sub-jaxprs included)."""
+    """Most elements in any convolution's input or output in ``jaxpr`` (sub-jaxprs included).
+
+    Outputs count too: the kernel gradient's output is the kernel, and a large kernel gradient
+    is YNNPACK's slow case even on a small map (the flow's 7x7 514 -> 512 head on a 16 x 16 grid:
+    1.62 s per step with YNNPACK, 1.45 s with XLA).
+    """
     best = 0
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "conv_general_dilated":
