@@ -12,9 +12,10 @@ The crossover is at about ``2**19`` elements (``N*H*W*C``) in a convolution's in
 below, the two are level or YNNPACK is ahead; above, XLA's wins, more the larger it is. Whole
 training steps (``benchmarks/conv_backends.py``): the discriminator at base 64 / 128 px 7.0 s ->
 3.5 s and the VAE at d=32 / 128 px 1.25 s -> 0.90 s with XLA's convolutions, while the
-discriminator at base 16 / 64 px is 67 ms with YNNPACK and 82 ms without. So :func:`jit` traces the function at its first call (or
-``.lower``), finds its largest convolution, and compiles it with YNNPACK's default fusion set
-minus ``INDIVIDUAL_CONVOLUTION`` when that convolution reaches ``CONV_ELEMENTS_XLA``. The choice
+discriminator at base 16 / 64 px is 67 ms with YNNPACK and 82 ms without. So :func:`jit`
+traces the function at its first call (or ``.lower``), finds its largest convolution, and
+compiles it with YNNPACK's default fusion set minus ``INDIVIDUAL_CONVOLUTION`` when that
+convolution reaches ``CONV_ELEMENTS_XLA``. The choice
 holds for the jitted function's later calls (a training stage keeps its shapes; aspect buckets
 change them little), and it only ever changes speed, never the numbers beyond rounding.
 
