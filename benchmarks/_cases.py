@@ -171,10 +171,17 @@ def build_case(case: dict, dtype: str = "float32", seed: int = 0):
         return packed, expd.apply({"params": p["expander"]}, packed, use_context=True,
                                   hw=lat).astype(f32)
 
-    def d_logits(p, ex, x, ctx):
+    def d_logits(p, ex, x, ctx, passes=1):
         out, upd = disc.apply({"params": p["discriminator"], "spectral": ex["spectral"]}, x, ctx,
-                              train=True, mutable=["spectral"])
+                              train=True, mutable=["spectral"], passes=passes)
         return _hinge_parts(out), {**ex, "spectral": upd["spectral"]}
+
+    def d_real_fake(p, ex, real, fake, ctx):
+        # As steps.make_disc_step on a step without R1: D(real), D(fake) in one call.
+        out, ex = d_logits(p, ex, jnp.concatenate([real, fake]), jnp.concatenate([ctx, ctx]),
+                           passes=2)
+        lr_, lf = out[:real.shape[0]], out[real.shape[0]:]
+        return jnp.mean(jax.nn.relu(1.0 - lr_)) + jnp.mean(jax.nn.relu(1.0 + lf)), ex
 
     def flow_loss(p, ex, emb):
         h, w = case["tokens"]
@@ -204,17 +211,13 @@ def build_case(case: dict, dtype: str = "float32", seed: int = 0):
         parts = [(("flow",), flow_iter_loss)]
     elif kind == "disc":
         def disc_loss(p, ex, k):
-            lr_, ex = d_logits(p, ex, ex["real"], ex["ctx"])
-            lf, ex = d_logits(p, ex, ex["fake"], ex["ctx"])
-            return jnp.mean(jax.nn.relu(1.0 - lr_)) + jnp.mean(jax.nn.relu(1.0 + lf)), ex
+            return d_real_fake(p, ex, ex["real"], ex["fake"], ex["ctx"])
         parts = [(("discriminator",), disc_loss)]
     elif kind == "vae_gan":
         def d_step(p, ex, k):
             packed, fake = jax.lax.stop_gradient(vae_out(p, ex["image"], k))
             ctx = jnp.mean(packed[:, :-1], axis=1).astype(f32)
-            lr_, ex = d_logits(p, ex, ex["image"], ctx)
-            lf, ex = d_logits(p, ex, fake, ctx)
-            return jnp.mean(jax.nn.relu(1.0 - lr_)) + jnp.mean(jax.nn.relu(1.0 + lf)), ex
+            return d_real_fake(p, ex, ex["image"], fake, ctx)
 
         def g_step(p, ex, k):
             packed, rec = vae_out(p, ex["image"], jax.random.fold_in(k, 1))

@@ -199,6 +199,47 @@ def test_sigma_is_differentiated_with_u_v_constant():
     np.testing.assert_allclose(jax.grad(ours)(k), jax.grad(manual)(k), rtol=1e-4, atol=1e-6)
 
 
+def test_passes_two_equals_two_successive_train_calls():
+    """The D step's real+fake in one call: logits, stored u/v and gradients of two calls."""
+    model, variables, x, ctx = _init(hw=(16, 12))
+    rng = np.random.default_rng(5)
+    x2 = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    ctx2 = jnp.asarray(rng.standard_normal(ctx.shape), jnp.float32)
+
+    def two_calls(params, spectral):
+        a, upd = model.apply({"params": params, "spectral": spectral}, x, ctx, train=True,
+                             mutable=["spectral"])
+        b, upd = model.apply({"params": params, "spectral": upd["spectral"]}, x2, ctx2,
+                             train=True, mutable=["spectral"])
+        return jnp.sum(a ** 2) - jnp.sum(b), (jnp.concatenate([a, b]), upd["spectral"])
+
+    def one_call(params, spectral):
+        out, upd = model.apply({"params": params, "spectral": spectral},
+                               jnp.concatenate([x, x2]), jnp.concatenate([ctx, ctx2]),
+                               train=True, mutable=["spectral"], passes=2)
+        return jnp.sum(out[:2] ** 2) - jnp.sum(out[2:]), (out, upd["spectral"])
+
+    (la, (oa, sa)), ga = jax.jit(jax.value_and_grad(two_calls, has_aux=True))(
+        variables["params"], variables["spectral"])
+    (lb, (ob, sb)), gb = jax.jit(jax.value_and_grad(one_call, has_aux=True))(
+        variables["params"], variables["spectral"])
+    # The chunks see different sigmas (one power iteration apart), not one shared scale.
+    shared, _ = _train_apply(model, variables, jnp.concatenate([x, x2]),
+                             jnp.concatenate([ctx, ctx2]))
+    assert not np.allclose(np.asarray(shared[2:]), np.asarray(ob[2:]), rtol=1e-4, atol=0)
+    np.testing.assert_allclose(ob, oa, rtol=2e-5, atol=1e-6)
+    _assert_trees_equal(sb, sa)
+    for k, g in _flat(gb).items():
+        np.testing.assert_allclose(g, _flat(ga)[k], rtol=1e-4, atol=1e-5, err_msg=str(k))
+    # Eval mode: every chunk uses the stored vectors, as separate eval calls do.
+    ev = model.apply(variables, jnp.concatenate([x, x2]), jnp.concatenate([ctx, ctx2]),
+                     passes=2)
+    np.testing.assert_allclose(ev[2:], model.apply(variables, x2, ctx2), rtol=2e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="passes=3 must be >= 1 and divide the batch 4"):
+        model.apply(variables, jnp.concatenate([x, x2]), jnp.concatenate([ctx, ctx2]),
+                    passes=3)
+
+
 def test_import_reports_every_problem_at_once():
     _, variables, _, _ = _init()
     sd = disc_to_torch(variables)

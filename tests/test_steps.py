@@ -234,6 +234,28 @@ def test_disc_step_learns_with_r1_and_gan_iteration_counts_steps(world, vae_step
     assert r1[0] > 0 and r1[1] == 0.0 and r1[2] == 0.0
 
 
+def test_disc_step_without_r1_runs_real_and_fake_as_one_call(world):
+    """Steps without R1 push real and fake through D in one call (``passes=2``); steps with R1 in
+    two. With a vanishing R1 weight both give the same logits, u/v and update."""
+    one = steps.make_disc_step(world.models, world.txs["disc"],
+                               loss_cfg(use_gan=True, r1_gamma=0.0), world.mesh, world.sh)
+    two = steps.make_disc_step(world.models, world.txs["disc"],
+                               loss_cfg(use_gan=True, r1_gamma=1e-30, r1_interval=1),
+                               world.mesh, world.sh)
+    out = []
+    for step in (one, two):
+        state, _ = world.state()
+        state, m = run(step, state, world.batch, 2)
+        out.append((host(state.params["discriminator"]), host(state.spectral), m))
+    (pa, sa, ma), (pb, sb, mb) = out
+    assert "train/r1" not in ma[-1] and mb[-1]["train/r1"] < 1e-20
+    for k in ("train/d_real", "train/d_fake", "train/loss_d_hinge"):
+        for a, b in zip(ma, mb):
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    for a, b in zip(jax.tree.leaves((pa, sa)), jax.tree.leaves((pb, sb))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_flow_step_learns_and_label_frozen_text_encoder_is_bit_identical(world):
     # Posterior mean latents: with sampled ones the target's own noise dominates the loss.
     cfg = loss_cfg(train_text_encoder=True, cfg_dropout_prob=0.25, ema_decay=0.5,

@@ -3,7 +3,8 @@
 Fakes come from the *sampled* compressor (``loss.sample_posterior``, default True as the
 reference; False uses the posterior mean) and the expander (SPADE per ``use_spade``), under
 ``stop_gradient``; the projection context is the token mean of the packed latent. D runs in train
-mode: D(real) then D(fake), each one spectral-norm power iteration, stored in ``state.spectral``.
+mode: D(real) then D(fake), each one spectral-norm power iteration, stored in ``state.spectral``;
+without R1 both go through one call (``passes=2``, see ``models.discriminator``), half the kernels.
 R1 (``r1_gamma * 0.5 * E||grad_x D(x)||^2`` on reals, not scaled by the interval, as the
 reference) is added when ``state.step % r1_interval == 0``; it shares the real forward pass. The
 reference's instance noise never took effect (section 10 item 10) and is not reproduced.
@@ -51,30 +52,35 @@ def make_disc_step(models: ModelSet, tx: optax.GradientTransformation,
     use_r1 = gamma > 0 and interval > 0
     advance = False if advance_step is None else bool(advance_step)
 
-    def d_apply(pd, spectral, x, ctx):
+    def d_apply(pd, spectral, x, ctx, passes=1):
         return disc.apply({"params": pd, "spectral": spectral}, x, ctx, train=True,
-                          mutable=["spectral"])
+                          mutable=["spectral"], passes=passes)
 
     def loss_fn(trainable: dict, state: TrainState, real: jax.Array, fake: jax.Array,
                 ctx: jax.Array):
         pd = trainable.get("discriminator", state.params["discriminator"])
         spectral0 = state.spectral
 
-        def real_plain():
-            logits, upd = d_apply(pd, spectral0, real, ctx)
-            return jnp.zeros((), F32), logits, upd
+        def one_pass():
+            # D(real) then D(fake) as one call over both (``passes=2``: same logits and u/v).
+            logits, upd = d_apply(pd, spectral0, jnp.concatenate([real, fake]),
+                                  jnp.concatenate([ctx, ctx]), passes=2)
+            b = real.shape[0]
+            return jnp.zeros((), F32), logits[:b], logits[b:], upd
 
-        def real_with_r1():
+        def with_r1():
+            # R1 differentiates the real pass with respect to its input: kept separate so the
+            # double backward does not also run over the fakes.
             pen, (logits, upd) = losses.r1_penalty_and_logits(
                 lambda x: d_apply(pd, spectral0, x, ctx), real, gamma, has_aux=True)
-            return pen.astype(F32), logits, upd
+            fake_logits, upd = d_apply(pd, upd["spectral"], fake, ctx)
+            return pen.astype(F32), logits, fake_logits, upd
 
         if use_r1:
-            r1, real_logits, upd = jax.lax.cond(losses.r1_due(state.step, interval),
-                                                real_with_r1, real_plain)
+            r1, real_logits, fake_logits, upd = jax.lax.cond(
+                losses.r1_due(state.step, interval), with_r1, one_pass)
         else:
-            r1, real_logits, upd = real_plain()
-        fake_logits, upd = d_apply(pd, upd["spectral"], fake, ctx)
+            r1, real_logits, fake_logits, upd = one_pass()
         hinge = losses.d_hinge_loss(real_logits.astype(F32), fake_logits.astype(F32))
         total = hinge + r1
         m = {"train/loss_d": total, "train/loss_d_hinge": hinge,
