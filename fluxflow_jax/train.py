@@ -36,6 +36,7 @@ from fluxflow_jax import (
     sharding,
     stages,
     weights,
+    xla,
 )
 from fluxflow_jax import checkpoint as ckpt_lib
 from fluxflow_jax import controls as controls_lib
@@ -344,8 +345,12 @@ def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | N
                 step_metrics.update(m)
             if compiling:  # the first call of each jitted step compiles it (or loads it from cache)
                 jax.block_until_ready(step_metrics)
+                libs = {k: xla.convolution_library(getattr(step_fns[k], "jitted", None))
+                        for k in st.kinds}
+                conv = ", ".join(f"{k} {v}" for k, v in libs.items() if v)
                 print(f"[{name}] compiled {'+'.join(st.kinds)} in "
-                      f"{time.monotonic() - t_first:.1f} s", flush=True)
+                      f"{time.monotonic() - t_first:.1f} s"
+                      + (f" (CPU convolutions: {conv})" if conv else ""), flush=True)
                 compiling = False
             step += 1
             # Divergence: a skipped update changes nothing (steps/common.py); many in a row stop.

@@ -128,6 +128,16 @@ class _Jit:
         return getattr(self._chosen or self._default, name)
 
 
+def convolution_library(jitted: Any) -> str | None:
+    """``'XLA'`` or ``'YNNPACK'``: which library runs a :func:`jit` function's CPU convolutions,
+    once its first call has chosen; None before that, off CPU, when the user's ``XLA_FLAGS``
+    decide, or for anything else (what the training loop prints after compiling)."""
+    used = getattr(jitted, "uses_xla_convolutions", None)
+    if used is None or compiler_options() is None:
+        return None
+    return "XLA" if used else "YNNPACK"
+
+
 def jit(fn: Callable, **kwargs: Any) -> Any:
     """``jax.jit(fn, **kwargs)`` whose convolutions run where they are fastest (module doc)."""
     return _Jit(fn, kwargs)

@@ -5,6 +5,7 @@ run is shared by several checks; further runs are killed (SIGKILL / SIGTERM) and
 """
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -103,6 +104,7 @@ def demo_run(tmp_path_factory):
     wd = tmp_path_factory.mktemp("demo_full")
     p = _run(wd)
     assert p.returncode == 0, f"demo run failed:\n{p.stdout[-4000:]}\n{p.stderr[-6000:]}"
+    (wd / "demo_stdout.txt").write_text(p.stdout)
     return wd
 
 
@@ -177,6 +179,11 @@ def test_demo_leaves_every_artifact(demo_run):
     wd = demo_run
     ps = json.loads((wd / "pipeline_state.json").read_text())
     assert ps["finished"] == ["vae_warmup", "vae_gan", "flow"]
+    # After compiling, each step kind names the library its CPU convolutions run in (xla.jit
+    # picks YNNPACK for the demo's small convolutions).
+    out = (wd / "demo_stdout.txt").read_text()
+    assert re.search(r"\[vae_gan\] compiled disc\+vae in [0-9.]+ s \(CPU convolutions: "
+                     r"disc YNNPACK, vae YNNPACK\)", out), out[-3000:]
     for stage in ps["finished"]:
         assert _ckpt_steps(wd, stage), f"no checkpoint for {stage}"
         lines = [json.loads(l) for l in (wd / "graph" / f"training_metrics_{stage}.jsonl")
