@@ -95,3 +95,30 @@ def test_training_step_chooses_by_its_largest_convolution(world):  # noqa: F811
     small, state, batch = disc_step_for(world, 32, 16)
     small.lower(state, batch, RNG)
     assert small.jitted.uses_xla_convolutions is False
+
+
+def test_init_compiles_at_o1_with_the_same_parameters():
+    """``registry.init_params`` runs through ``xla.jit_once`` (LLVM -O1 on CPU: about half the
+    init's compile time); every model's parameters and the spectral state equal a plain
+    ``jax.jit`` of the same init to the last bit or, in a few leaves (the spectral-norm vectors:
+    a norm summed in another order), to a few rounding steps."""
+    assert xla.once_options() == xla.ONCE_OPTIONS
+    models = registry.build_models(MODEL_CFG, set(registry.MODEL_NAMES))
+    key = jax.random.key(3)
+    ours = registry.init_params(models, key, (16, 16), L)
+    plain_jit = jax.jit
+    try:
+        xla.jax.jit = lambda fn, compiler_options=None, **kw: plain_jit(fn, **kw)
+        plain = registry.init_params(models, key, (16, 16), L)
+    finally:
+        xla.jax.jit = plain_jit
+    la, ta = jax.tree_util.tree_flatten(ours)
+    lb, tb = jax.tree_util.tree_flatten(plain)
+    assert ta == tb and len(la) > 100
+    same = 0
+    for a, b in zip(la, lb):
+        a, b = np.asarray(a), np.asarray(b)
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=0)
+        same += np.array_equal(a, b)
+    assert same >= 0.9 * len(la), (same, len(la))

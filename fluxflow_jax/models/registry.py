@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fluxflow_jax import xla
 from fluxflow_jax.models.discriminator import PatchDiscriminator
 from fluxflow_jax.models.flow import FluxFlowProcessor
 from fluxflow_jax.models.text import BertTextEncoder
@@ -226,4 +227,4 @@ def init_params(models: ModelSet, rng: jax.Array, image_hw: tuple[int, int] = (3
             spectral = dict(variables.get("spectral", {}))
         return params, spectral
 
-    return jax.jit(init_all)(keys)
+    return xla.jit_once(init_all)(keys)
