@@ -1,4 +1,5 @@
-"""``jit`` that picks, per jitted function, which library runs its convolutions on CPU.
+"""``jit`` that picks, per jitted function, which library runs its convolutions on CPU, and
+``jit_once`` for jits that run once (parameter init), compiled more cheaply.
 
 Why: on CPU, jaxlib 0.10 hands every convolution to YNNPACK (a library fusion). On large
 convolutions its kernel gradient ("backprop filter") is 2-3x slower than XLA's own convolution;
