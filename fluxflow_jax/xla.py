@@ -93,10 +93,18 @@ def once_options() -> dict[str, Any] | None:
     return _accepted(dict(ONCE_OPTIONS), "one-time jits compile at the default level")
 
 
-def jit_once(fn: Callable, **kwargs: Any) -> Any:
+def jit_once(fn: Callable, **kwargs: Any) -> Callable:
     """``jax.jit`` for a function called once (parameter init): cheaper to compile on CPU, the
-    same values up to rounding (see ``ONCE_OPTIONS``)."""
-    return jax.jit(fn, compiler_options=once_options(), **kwargs)
+    same values up to rounding (see ``ONCE_OPTIONS``). Called under an outer trace (``jit``,
+    ``eval_shape``), where jax refuses compiler options, it is a plain nested ``jax.jit``."""
+    plain = jax.jit(fn, **kwargs)
+    opts = once_options()
+    cheap = jax.jit(fn, compiler_options=opts, **kwargs) if opts else plain
+
+    def call(*args: Any, **kw: Any) -> Any:
+        traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kw)))
+        return (plain if traced else cheap)(*args, **kw)
+    return call
 
 
 def _sub_jaxprs(params: dict) -> Iterator[Any]:

@@ -122,3 +122,6 @@ def test_init_compiles_at_o1_with_the_same_parameters():
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=0)
         same += np.array_equal(a, b)
     assert same >= 0.9 * len(la), (same, len(la))
+    # Under an outer trace (how weights.initial_variables takes the shapes) it still works.
+    shapes = jax.eval_shape(lambda: registry.init_params(models, key, (16, 16), L))
+    assert jax.tree.map(lambda s: s.shape, shapes) == jax.tree.map(np.shape, ours)
