@@ -6,9 +6,10 @@
 
 Each (size, step) is built exactly as training builds it (registry models, optim factories with
 the reference's default optimizers, steps.make_*_step, sharding over all devices), compiled once
-(``compile_s``: the first call's wall time - trace, lower, XLA compile and one step - minus the
-mean step), then timed over ``--steps`` calls (``step_ms``: mean and min wall time per step, each
-call blocked until its metrics are ready).
+(``init_s``: wall time of ``registry.init_params``, with ``--init_ab`` also under a plain
+``jax.jit``, run second; ``compile_s``: the first call's wall time - trace, lower, XLA compile
+and one step - minus the mean step), then timed over ``--steps`` calls (``step_ms``: mean and
+min wall time per step, each call blocked until its metrics are ready).
 Peak memory: ``device.memory_stats()['peak_bytes_in_use']`` where the backend reports it (GPU,
 TPU), else the process's peak RSS (CPU; a high-water mark over the whole run, so later rows
 include earlier ones). Results go to ``benchmarks/results/step_times.json`` and a table on stdout.
@@ -78,7 +79,8 @@ def n_params(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
-def bench_size(name: str, batch: int, n_steps: int, bf16: bool, remat: bool) -> list[dict]:
+def bench_size(name: str, batch: int, n_steps: int, bf16: bool, remat: bool,
+               init_ab: bool = False) -> list[dict]:
     spec = SIZES[name]
     model_cfg = dict(spec["model"], max_hw=1024, activation="bezier", remat=remat,
                      dtype="bfloat16" if bf16 else "float32")
@@ -88,6 +90,14 @@ def bench_size(name: str, batch: int, n_steps: int, bf16: bool, remat: bool) -> 
     params, spectral = registry.init_params(models, jax.random.key(0), (hw, hw), tl)
     jax.block_until_ready(params)
     init_s = time.perf_counter() - t0
+    init_plain_s = None
+    if init_ab:  # the same init under a plain jax.jit (xla.jit_once's baseline)
+        t0 = time.perf_counter()
+        jax.block_until_ready(registry.init_params(models, jax.random.key(0), (hw, hw), tl,
+                                                   jit=jax.jit))
+        init_plain_s = round(time.perf_counter() - t0, 3)
+        print(f"  {name:7s} init  {init_s:7.2f} s (xla.jit_once), {init_plain_s:7.2f} s "
+              "(jax.jit)", flush=True)
     txs = {k: optim.make_optimizer(optim.default_optimizer_config(g), None, 10_000,
                                    name=f"optimizers.{g}") for k, g in GROUP.items()}
     mesh = sharding.make_mesh()
@@ -122,7 +132,9 @@ def bench_size(name: str, batch: int, n_steps: int, bf16: bool, remat: bool) -> 
         trained = steps.step_params(kind, params)
         loss_key = {"vae": "train/loss_vae", "disc": "train/loss_d", "flow": "train/loss_flow"}
         rows.append({"size": name, "step": kind, "image": hw, "batch": batch, "bf16": bf16,
-                     "remat": remat, "init_s": round(init_s, 3), "compile_s": round(compile_s, 3),
+                     "remat": remat, "init_s": round(init_s, 3),
+                     "init_plain_jit_s": init_plain_s,
+                     "compile_s": round(compile_s, 3),
                      "step_ms_mean": round(1e3 * float(np.mean(times)), 3),
                      "step_ms_min": round(1e3 * float(np.min(times)), 3),
                      "peak_mem_bytes": mem, "mem_source": src,
@@ -142,6 +154,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per step kind")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 compute (fp32 params)")
     ap.add_argument("--remat", action="store_true", help="rematerialise blocks")
+    ap.add_argument("--init_ab", action="store_true",
+                    help="also time the parameter init under a plain jax.jit (init_plain_jit_s)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "step_times.json"))
     args = ap.parse_args(argv)
     sizes = [s for s in args.sizes.split(",") if s]
@@ -153,7 +167,7 @@ def main(argv=None) -> int:
           f"{jax.__version__}", flush=True)
     rows = []
     for s in sizes:
-        rows += bench_size(s, args.batch, args.steps, args.bf16, args.remat)
+        rows += bench_size(s, args.batch, args.steps, args.bf16, args.remat, args.init_ab)
     print(f"\n{'size':7s} {'step':5s} {'img':>4s} {'B':>3s} {'compile s':>10s} "
           f"{'step ms':>9s} {'min ms':>9s} {'peak MiB':>9s}")
     for r in rows:

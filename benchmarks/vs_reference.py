@@ -40,10 +40,11 @@ arithmetic); ``% peak``: FLOPs / time / the best ``jnp.dot`` GFLOP/s measured on
 the same dtype. Memory: ``ours XLA MB`` = temporaries + arguments + outputs - donated of the
 largest part; ``RSS MB``: peak resident set of our child / of the torch worker (each includes
 its runtime and imports; our child drops its host copy of the worker's weights once written and
-measures its own matmul peak only after the case, so neither counts). ``ref/ours`` > 1 means fluxflow_jax is faster. A shared 2-core VM
-varies by 15% or more between runs: read ratios, not absolute times, and read 0.85-1.15 as
-parity. Results: a table on stdout, ``benchmarks/results/vs_reference.json`` and, with
-``--readme``, the table in ``benchmarks/README.md``.
+measures its own matmul peak only after the case, so neither counts). ``ref/ours`` > 1 means
+fluxflow_jax is faster. A shared 2-core VM varies by 15% or more between runs: read ratios, not
+absolute times, and read 0.85-1.15 as parity. Results: a table on stdout,
+``benchmarks/results/vs_reference.json`` and, with ``--readme``, the table in
+``benchmarks/README.md``.
 """
 from __future__ import annotations
 

@@ -77,8 +77,8 @@ def compiler_options() -> dict[str, str] | None:
 
 
 # One-time jits (parameter init) on CPU: LLVM at -O1 instead of -O3. Init runs once and is
-# compile-bound: the test-size model set's init 22 s -> 12 s, the benchmark's disc base 16
-# 7.7 -> 4.6 s and VAE d=32 11.5 -> 6.3 s. The values are the same except the spectral-norm
+# compile-bound: every model at the sizes of ``benchmarks/step_times.py --init_ab`` (2-core AMD
+# EPYC), tiny 19.6 -> 10.6 s and small 22.9 -> 13.5 s. The values are the same except the spectral-norm
 # u/v, whose norm is summed in another order (a few rounding steps; tests/test_xla.py).
 ONCE_OPTIONS = {"xla_backend_optimization_level": 1}
 

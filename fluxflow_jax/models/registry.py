@@ -17,7 +17,7 @@ is accepted only when it equals ``downscales``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -177,13 +177,15 @@ def latent_hw(models: ModelSet, image_hw: tuple[int, int]) -> tuple[int, int]:
 
 
 def init_params(models: ModelSet, rng: jax.Array, image_hw: tuple[int, int] = (32, 32),
-                text_len: int = 8) -> tuple[dict, dict]:
+                text_len: int = 8, jit: Callable = xla.jit_once) -> tuple[dict, dict]:
     """Fresh parameters of every built model and the discriminator's initial 'spectral' state.
 
     Returns ``(params, spectral)``: ``params`` maps model name -> params tree; ``spectral`` is
     the discriminator's 'spectral' collection ({} without a discriminator). Shapes do not depend
     on ``image_hw``/``text_len`` (they only size the dummy inputs). The expander is initialised
-    with SPADE on so its SPADE weights exist whatever the stage trains.
+    with SPADE on so its SPADE weights exist whatever the stage trains. ``jit`` compiles the
+    one function that initialises every model (``xla.jit_once``: cheaper to compile on CPU;
+    ``jax.jit`` is the plain baseline ``benchmarks/step_times.py --init_ab`` times it against).
     """
     keys = dict(zip(MODULE_NAMES, jax.random.split(rng, len(MODULE_NAMES))))
     h, w = image_hw
@@ -227,4 +229,4 @@ def init_params(models: ModelSet, rng: jax.Array, image_hw: tuple[int, int] = (3
             spectral = dict(variables.get("spectral", {}))
         return params, spectral
 
-    return xla.jit_once(init_all)(keys)
+    return jit(init_all)(keys)
