@@ -78,8 +78,9 @@ def compiler_options() -> dict[str, str] | None:
 
 # One-time jits (parameter init) on CPU: LLVM at -O1 instead of -O3. Init runs once and is
 # compile-bound: every model at the sizes of ``benchmarks/step_times.py --init_ab`` (2-core AMD
-# EPYC), tiny 19.6 -> 10.6 s and small 22.9 -> 13.5 s. The values are the same except the spectral-norm
-# u/v, whose norm is summed in another order (a few rounding steps; tests/test_xla.py).
+# EPYC), tiny 19.6 -> 10.6 s and small 22.9 -> 13.5 s. The values are the same except the
+# spectral-norm u/v, whose norm is summed in another order (a few rounding steps;
+# tests/test_xla.py).
 ONCE_OPTIONS = {"xla_backend_optimization_level": 1}
 
 

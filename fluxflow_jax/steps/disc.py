@@ -4,7 +4,8 @@ Fakes come from the *sampled* compressor (``loss.sample_posterior``, default Tru
 reference; False uses the posterior mean) and the expander (SPADE per ``use_spade``), under
 ``stop_gradient``; the projection context is the token mean of the packed latent. D runs in train
 mode: D(real) then D(fake), each one spectral-norm power iteration, stored in ``state.spectral``;
-without R1 both go through one call (``passes=2``, see ``models.discriminator``), half the kernels.
+without R1 both go through one call (``passes=2``, see ``models.discriminator``): one
+convolution per layer over both halves.
 R1 (``r1_gamma * 0.5 * E||grad_x D(x)||^2`` on reals, not scaled by the interval, as the
 reference) is added when ``state.step % r1_interval == 0``; it shares the real forward pass. The
 reference's instance noise never took effect (section 10 item 10) and is not reproduced.
