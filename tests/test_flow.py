@@ -272,6 +272,46 @@ def test_gradients_finite_nonzero_and_identical_under_remat(tiny):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
+def test_one_key_cross_attention_equals_the_full_softmax_attention():
+    """With one key, ParallelAttention skips q, RoPE and the softmax (the weights are exactly 1);
+    its output and every gradient equal the full attention written out here."""
+    from fluxflow_jax.models.conditioning import dot_product_attention, merge_heads, split_heads
+    from fluxflow_jax.models.flow import ParallelAttention, apply_rope, rope_tables
+
+    d, heads = 16, 2
+    rng = np.random.default_rng(3)
+    x_q = jnp.asarray(rng.standard_normal((2, 6, d)), jnp.float32)
+    x_kv = jnp.asarray(rng.standard_normal((2, 1, d)), jnp.float32)
+    rope_q, rope_k = rope_tables(6, d // heads), rope_tables(1, d // heads)
+    attn = ParallelAttention(d, heads)
+    params = jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), jnp.float32),
+                          jax.eval_shape(lambda: attn.init(jax.random.key(0), x_q, x_kv, rope_q,
+                                                           rope_k))["params"])
+    assert sorted(params) == ["kv_proj", "out_proj", "q_proj"]
+
+    def full(p, x_q, x_kv):
+        dense = lambda n, x: x @ p[n]["kernel"] + p[n]["bias"]
+        kv = dense("kv_proj", x_kv)
+        q = apply_rope(split_heads(dense("q_proj", x_q), heads), *rope_q)
+        k = apply_rope(split_heads(kv[..., :d], heads), *rope_k)
+        out = dot_product_attention(q, k, split_heads(kv[..., d:], heads))
+        return dense("out_proj", merge_heads(out))
+
+    def loss(f):
+        return lambda p, x_q, x_kv: jnp.sum(jnp.sin(f(p, x_q, x_kv)))
+
+    ours = lambda p, x_q, x_kv: attn.apply({"params": p}, x_q, x_kv, rope_q, rope_k)
+    np.testing.assert_allclose(ours(params, x_q, x_kv), full(params, x_q, x_kv), rtol=1e-6,
+                               atol=1e-6)
+    g_ours = jax.grad(loss(ours), argnums=(0, 1, 2))(params, x_q, x_kv)
+    g_full = jax.grad(loss(full), argnums=(0, 1, 2))(params, x_q, x_kv)
+    for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_full)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # the query side gets exactly zero gradient either way; the values do not
+    assert not np.any(g_ours[0]["q_proj"]["kernel"]) and not np.any(g_full[0]["q_proj"]["kernel"])
+    assert not np.any(g_ours[1]) and np.any(g_ours[2])
+
+
 def test_initialisers_follow_the_reference():
     """Section 1.10: xavier + zero bias inside blocks/mixer/attention, torch default elsewhere,
     Embedding N(0, 1), LayerNorm ones/zeros, zero CLS, TrainableBezier constants."""

@@ -142,14 +142,23 @@ class ParallelAttention(nn.Module):
     def __call__(self, x_q: jax.Array, x_kv: jax.Array, rope_q: tuple[jax.Array, jax.Array],
                  rope_k: tuple[jax.Array, jax.Array]) -> jax.Array:
         d = self.d_model
-        q = split_heads(Dense(d, init="xavier", dtype=self.dtype, name="q_proj")(x_q), self.n_head)
+        q_proj = Dense(d, init="xavier", dtype=self.dtype, name="q_proj")
         kv = Dense(2 * d, init="xavier", dtype=self.dtype, name="kv_proj")(x_kv)
+        out_proj = Dense(d, init="xavier", dtype=self.dtype, name="out_proj")
+        if x_kv.shape[1] == 1:
+            # One key (the flow's cross-attention to its one text token): the softmax of one
+            # logit is exactly 1, so every query reads that token's v whatever q and k are, and
+            # q's gradient is exactly 0. q_proj keeps its parameters (the reference's layout)
+            # but runs on zero tokens; out_proj runs once per sample instead of once per token.
+            q_proj(x_q[:, :0])
+            out = out_proj(kv[..., d:])
+            return jnp.broadcast_to(out, (x_q.shape[0], x_q.shape[1], d))
+        q = split_heads(q_proj(x_q), self.n_head)
         k = split_heads(kv[..., :d], self.n_head)
         v = split_heads(kv[..., d:], self.n_head)
         q = apply_rope(q, *rope_q)
         k = apply_rope(k, *rope_k)
-        out = merge_heads(dot_product_attention(q, k, v))
-        return Dense(d, init="xavier", dtype=self.dtype, name="out_proj")(out)
+        return out_proj(merge_heads(dot_product_attention(q, k, v)))
 
 
 class Pillar(nn.Module):
