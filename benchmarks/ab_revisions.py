@@ -1,0 +1,130 @@
+"""One case at two git revisions, interleaved in time: the step-time A/B of a code change.
+
+    python benchmarks/ab_revisions.py --case flow --base 663c126
+    python benchmarks/ab_revisions.py --case flow512 --base HEAD~1 --head HEAD --rounds 5
+
+Why: on these shared 2-core VMs two runs of the same benchmark an hour apart differ by 10-15%,
+more than most single changes move a step. Here each revision runs in its own process on its own
+sources (``git archive`` of the revision into a temporary folder; ``--head`` defaults to the
+working tree), builds the case exactly as ``vs_reference.py`` does (its ``Ours``: same models,
+inputs, optimizer and ``xla.jit``), compiles once, and then the parent alternates them: one
+warm-up and ``--steps`` timed iterations on the base, the same on the head, for ``--rounds``
+rounds. Only one side runs at a time. Prints medians and minimums; writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+
+def export(rev: str, dest: Path) -> Path:
+    """``git archive rev`` unpacked under ``dest``; the working tree itself for ``rev == '.'``."""
+    if rev == ".":
+        return REPO
+    blob = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", rev],
+                          check=True, capture_output=True).stdout
+    dest.mkdir(parents=True)
+    tar = dest / "src.tar"
+    tar.write_bytes(blob)
+    with tarfile.open(tar) as t:
+        t.extractall(dest, filter="data")
+    tar.unlink()
+    return dest
+
+
+def child(src: str, case: str) -> None:
+    """Build and compile ``case`` from the sources in ``src``, then serve ``run N`` requests."""
+    sys.path[:0] = [src, str(Path(src) / "benchmarks")]
+    import fluxflow_jax
+    from _cases import CASES
+    from vs_reference import Ours
+
+    where = Path(fluxflow_jax.__file__).resolve()
+    assert str(where).startswith(str(Path(src).resolve())), f"imported {where}, not {src}"
+    ours = Ours(CASES[case], "float32")
+    stats = ours.compile()
+    print(json.dumps({"ready": True, "compile_s": stats["compile_s"]}), flush=True)
+    for line in sys.stdin:
+        n = int(line.split()[1]) if line.startswith("run") else 0
+        if not n:
+            break
+        ours.run()  # warm-up after the other side ran
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            ours.run()
+            times.append(time.perf_counter() - t0)
+        print(json.dumps(times), flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--case", required=True, help="a vs_reference case name (benchmarks/_cases.py)")
+    ap.add_argument("--base", default=None, help="git revision A (required)")
+    ap.add_argument("--head", default=".", help="git revision B ('.' = the working tree)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=3, help="timed iterations per side and round")
+    ap.add_argument("--out", default=str(HERE / "results" / "ab_revisions.json"))
+    ap.add_argument("--_child", nargs=2, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args._child:
+        child(*args._child)
+        return 0
+    if not args.base:
+        ap.error("--base REV is required (e.g. --base HEAD~1)")
+    with tempfile.TemporaryDirectory() as tmp:
+        sides = {}
+        for label, rev in (("base", args.base), ("head", args.head)):
+            src = export(rev, Path(tmp) / label)
+            env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+            proc = subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), "--case", args.case,
+                 "--_child", str(src), args.case],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=tmp)
+            ready = json.loads(proc.stdout.readline() or "{}")
+            if not ready.get("ready"):
+                raise SystemExit(f"{label} ({rev}) did not start; see its stderr above")
+            sides[label] = {"rev": rev, "proc": proc, "compile_s": ready["compile_s"], "times": []}
+        for _ in range(args.rounds):
+            for s in sides.values():
+                s["proc"].stdin.write(f"run {args.steps}\n")
+                s["proc"].stdin.flush()
+                s["times"] += json.loads(s["proc"].stdout.readline())
+        for s in sides.values():
+            s["proc"].stdin.write("quit\n")
+            s["proc"].stdin.close()
+            s["proc"].wait()
+    rows = {k: {"rev": s["rev"], "compile_s": round(s["compile_s"], 1),
+                "median_ms": round(1e3 * float(np.median(s["times"])), 1),
+                "min_ms": round(1e3 * min(s["times"]), 1), "n": len(s["times"])}
+            for k, s in sides.items()}
+    speedup = rows["base"]["median_ms"] / rows["head"]["median_ms"]
+    for k, r in rows.items():
+        print(f"{args.case:12s} {k} {r['rev']:10s} median {r['median_ms']:9.1f} ms  "
+              f"min {r['min_ms']:9.1f} ms  ({r['n']} iterations)")
+    print(f"{args.case:12s} base/head median: {speedup:.3f}")
+    result = {"case": args.case, "rows": rows, "base_over_head": round(speedup, 3),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "machine": f"{platform.machine()} {os.cpu_count()} cores", "argv": sys.argv[1:]}
+    out = Path(args.out)
+    old = json.loads(out.read_text()) if out.exists() else []
+    out.write_text(json.dumps(old + [result], indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
