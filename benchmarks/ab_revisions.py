@@ -2,6 +2,8 @@
 
     python benchmarks/ab_revisions.py --case flow --base 663c126
     python benchmarks/ab_revisions.py --case flow512 --base HEAD~1 --head HEAD --rounds 5
+    python benchmarks/ab_revisions.py --case flow --base . \
+        --head_options '{"xla_cpu_enable_concurrency_optimized_scheduler": false}'
 
 Why: on these shared 2-core VMs two runs of the same benchmark an hour apart differ by 10-15%,
 more than most single changes move a step. Here each revision runs in its own process on its own
@@ -10,6 +12,9 @@ working tree), builds the case exactly as ``vs_reference.py`` does (its ``Ours``
 inputs, optimizer and ``xla.jit``), compiles once, and then the parent alternates them: one
 warm-up and ``--steps`` timed iterations on the base, the same on the head, for ``--rounds``
 rounds. Only one side runs at a time. Prints medians and minimums; writes JSON.
+
+``--base_options`` / ``--head_options`` (JSON) add XLA compiler options to that side's compile, on
+top of the ones ``xla.jit`` picks, so the same revision on both sides A/Bs a compiler flag.
 """
 from __future__ import annotations
 
@@ -45,7 +50,22 @@ def export(rev: str, dest: Path) -> Path:
     return dest
 
 
-def child(src: str, case: str) -> None:
+def compile_with(ours, options: dict) -> float:
+    """Compile every part of ``ours`` with ``options`` added to ``xla.jit``'s own; seconds."""
+    import jax
+
+    from fluxflow_jax import xla
+
+    key, t0 = jax.random.key(0), time.perf_counter()
+    for i, fn in enumerate(ours.steps):
+        args = (ours.params, ours.opt_states[i], ours.extra, key)
+        fn.lower(*args)  # xla.jit decides its options at the first trace
+        base = (xla.compiler_options() or {}) if fn.uses_xla_convolutions else {}
+        ours.steps[i] = fn._chosen.lower(*args).compile(compiler_options={**base, **options})
+    return time.perf_counter() - t0
+
+
+def child(src: str, case: str, options: str) -> None:
     """Build and compile ``case`` from the sources in ``src``, then serve ``run N`` requests."""
     sys.path[:0] = [src, str(Path(src) / "benchmarks")]
     import fluxflow_jax
@@ -55,8 +75,9 @@ def child(src: str, case: str) -> None:
     where = Path(fluxflow_jax.__file__).resolve()
     assert str(where).startswith(str(Path(src).resolve())), f"imported {where}, not {src}"
     ours = Ours(CASES[case], "float32")
-    stats = ours.compile()
-    print(json.dumps({"ready": True, "compile_s": stats["compile_s"]}), flush=True)
+    opts = json.loads(options)
+    compile_s = compile_with(ours, opts) if opts else ours.compile()["compile_s"]
+    print(json.dumps({"ready": True, "compile_s": compile_s}), flush=True)
     for line in sys.stdin:
         n = int(line.split()[1]) if line.startswith("run") else 0
         if not n:
@@ -77,27 +98,37 @@ def main(argv=None) -> int:
     ap.add_argument("--head", default=".", help="git revision B ('.' = the working tree)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3, help="timed iterations per side and round")
+    for side in ("base", "head"):
+        ap.add_argument(f"--{side}_options", default="{}",
+                        help=f"JSON XLA compiler options added to the {side} side's compile")
     ap.add_argument("--out", default=str(HERE / "results" / "ab_revisions.json"))
-    ap.add_argument("--_child", nargs=2, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_child", nargs=3, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._child:
         child(*args._child)
         return 0
     if not args.base:
         ap.error("--base REV is required (e.g. --base HEAD~1)")
+    for side in ("base", "head"):
+        try:
+            assert isinstance(json.loads(getattr(args, f"{side}_options")), dict)
+        except (ValueError, AssertionError):
+            ap.error(f"--{side}_options must be a JSON object, e.g. '{{\"flag\": false}}'")
     with tempfile.TemporaryDirectory() as tmp:
         sides = {}
         for label, rev in (("base", args.base), ("head", args.head)):
+            opts = getattr(args, f"{label}_options")
             src = export(rev, Path(tmp) / label)
             env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
             proc = subprocess.Popen(
                 [sys.executable, str(Path(__file__).resolve()), "--case", args.case,
-                 "--_child", str(src), args.case],
+                 "--_child", str(src), args.case, opts],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=tmp)
             ready = json.loads(proc.stdout.readline() or "{}")
             if not ready.get("ready"):
                 raise SystemExit(f"{label} ({rev}) did not start; see its stderr above")
-            sides[label] = {"rev": rev, "proc": proc, "compile_s": ready["compile_s"], "times": []}
+            sides[label] = {"rev": rev, "options": json.loads(opts), "proc": proc,
+                            "compile_s": ready["compile_s"], "times": []}
         for _ in range(args.rounds):
             for s in sides.values():
                 s["proc"].stdin.write(f"run {args.steps}\n")
@@ -107,14 +138,14 @@ def main(argv=None) -> int:
             s["proc"].stdin.write("quit\n")
             s["proc"].stdin.close()
             s["proc"].wait()
-    rows = {k: {"rev": s["rev"], "compile_s": round(s["compile_s"], 1),
+    rows = {k: {"rev": s["rev"], "options": s["options"], "compile_s": round(s["compile_s"], 1),
                 "median_ms": round(1e3 * float(np.median(s["times"])), 1),
                 "min_ms": round(1e3 * min(s["times"]), 1), "n": len(s["times"])}
             for k, s in sides.items()}
     speedup = rows["base"]["median_ms"] / rows["head"]["median_ms"]
     for k, r in rows.items():
         print(f"{args.case:12s} {k} {r['rev']:10s} median {r['median_ms']:9.1f} ms  "
-              f"min {r['min_ms']:9.1f} ms  ({r['n']} iterations)")
+              f"min {r['min_ms']:9.1f} ms  ({r['n']} iterations) {json.dumps(r['options'])}")
     print(f"{args.case:12s} base/head median: {speedup:.3f}")
     result = {"case": args.case, "rows": rows, "base_over_head": round(speedup, 3),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

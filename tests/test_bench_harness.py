@@ -64,19 +64,25 @@ def test_bad_dtype_and_case_are_refused():
 
 def test_ab_revisions_runs_two_revisions_and_records_both(tmp_path):
     """The A/B tool end to end on the smallest flow case: HEAD exported by git, the working tree
-    as the head; both sides build, compile and time, and the JSON names each revision."""
+    with one XLA flag as the head; both sides build, compile and time, and the JSON names each
+    side's revision and options."""
     import json
 
     import ab_revisions
 
     with pytest.raises(SystemExit):
         ab_revisions.main(["--case", "flow_s"])  # no --base
+    with pytest.raises(SystemExit):
+        ab_revisions.main(["--case", "flow_s", "--base", "HEAD", "--head_options", "[1]"])
     src = ab_revisions.export("HEAD", tmp_path / "rev")
     assert (src / "fluxflow_jax" / "models" / "flow.py").is_file()
     out = tmp_path / "ab.json"
+    flag = {"xla_cpu_enable_concurrency_optimized_scheduler": False}
     assert ab_revisions.main(["--case", "flow_s", "--base", "HEAD", "--rounds", "1",
-                              "--steps", "1", "--out", str(out)]) == 0
+                              "--steps", "1", "--head_options", json.dumps(flag),
+                              "--out", str(out)]) == 0
     (result,) = json.loads(out.read_text())
     assert result["case"] == "flow_s"
-    assert {k: r["rev"] for k, r in result["rows"].items()} == {"base": "HEAD", "head": "."}
+    assert {k: (r["rev"], r["options"]) for k, r in result["rows"].items()} == {
+        "base": ("HEAD", {}), "head": (".", flag)}
     assert all(r["n"] == 1 and r["median_ms"] > 0 for r in result["rows"].values())
