@@ -53,6 +53,7 @@ CASES: dict[str, dict] = {
     "flow_s": _flow(128, 4, 8, 2),
     "flow": _flow(128, 10, 16, 2),                      # Phase 1 flow at 256 px
     "flow512": _flow(512, 10, 16, 2),
+    "flow1024": _flow(128, 10, 32, 2),                  # Phase 1 flow at 512 px: T=1024
     "disc": _disc(16, 3, 64, 2),
     "disc64": _disc(64, 4, 128, 2),
     "text_s": {"kind": "text", "text_len": 32, "batch": 2, "config": {"embedding": 1024}},
@@ -70,7 +71,7 @@ CASES: dict[str, dict] = {
 SUITES = {
     "small": ["vae16", "vae32", "flow_s", "flow", "disc", "text_s", "vae_gan16", "flow_iter_s"],
     "full": ["vae16", "vae32", "vae32_128", "vae64_128", "vae128_256", "flow_s", "flow",
-             "flow512", "disc", "disc64", "text", "vae_gan16", "vae_gan32_128", "flow_iter"],
+             "flow512", "flow1024", "disc", "disc64", "text", "vae_gan16", "vae_gan32_128", "flow_iter"],
 }
 # Kinds whose reference graph has a ConvTranspose2d (the expander): only these differ between
 # the reference as shipped and with the layout fix.

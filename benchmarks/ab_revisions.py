@@ -35,6 +35,14 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 
 
+def commit_of(rev: str) -> str:
+    """The commit ``rev`` names (``'.'``: the working tree's HEAD, marked ``+tree``)."""
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short",
+                           "HEAD" if rev == "." else rev],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    return head + "+tree" if rev == "." else head
+
+
 def export(rev: str, dest: Path) -> Path:
     """``git archive rev`` unpacked under ``dest``; the working tree itself for ``rev == '.'``."""
     if rev == ".":
@@ -66,7 +74,10 @@ def compile_with(ours, options: dict) -> float:
 
 
 def child(src: str, case: str, options: str) -> None:
-    """Build and compile ``case`` from the sources in ``src``, then serve ``run N`` requests."""
+    """Build and compile ``case`` from the sources in ``src``, then serve ``run N`` requests.
+    ``case`` is JSON: the working tree's definition, used where ``src`` has no case of its
+    name (a case added after the base revision)."""
+    case_def = json.loads(case)
     sys.path[:0] = [src, str(Path(src) / "benchmarks")]
     import fluxflow_jax
     from _cases import CASES
@@ -74,7 +85,7 @@ def child(src: str, case: str, options: str) -> None:
 
     where = Path(fluxflow_jax.__file__).resolve()
     assert str(where).startswith(str(Path(src).resolve())), f"imported {where}, not {src}"
-    ours = Ours(CASES[case], "float32")
+    ours = Ours(CASES.get(case_def["name"], case_def), "float32")
     opts = json.loads(options)
     compile_s = compile_with(ours, opts) if opts else ours.compile()["compile_s"]
     print(json.dumps({"ready": True, "compile_s": compile_s}), flush=True)
@@ -109,6 +120,10 @@ def main(argv=None) -> int:
         return 0
     if not args.base:
         ap.error("--base REV is required (e.g. --base HEAD~1)")
+    sys.path.insert(0, str(HERE))
+    from _cases import CASES
+    if args.case not in CASES:
+        ap.error(f"--case {args.case}: unknown; choose from {', '.join(CASES)}")
     for side in ("base", "head"):
         try:
             assert isinstance(json.loads(getattr(args, f"{side}_options")), dict)
@@ -122,12 +137,14 @@ def main(argv=None) -> int:
             env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
             proc = subprocess.Popen(
                 [sys.executable, str(Path(__file__).resolve()), "--case", args.case,
-                 "--_child", str(src), args.case, opts],
+                 "--_child", str(src), json.dumps({**CASES[args.case], "name": args.case}),
+                 opts],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=tmp)
             ready = json.loads(proc.stdout.readline() or "{}")
             if not ready.get("ready"):
                 raise SystemExit(f"{label} ({rev}) did not start; see its stderr above")
-            sides[label] = {"rev": rev, "options": json.loads(opts), "proc": proc,
+            sides[label] = {"rev": rev, "commit": commit_of(rev), "options": json.loads(opts),
+                            "proc": proc,
                             "compile_s": ready["compile_s"], "times": []}
         for _ in range(args.rounds):
             for s in sides.values():
@@ -138,7 +155,8 @@ def main(argv=None) -> int:
             s["proc"].stdin.write("quit\n")
             s["proc"].stdin.close()
             s["proc"].wait()
-    rows = {k: {"rev": s["rev"], "options": s["options"], "compile_s": round(s["compile_s"], 1),
+    rows = {k: {"rev": s["rev"], "commit": s["commit"], "options": s["options"],
+                "compile_s": round(s["compile_s"], 1),
                 "median_ms": round(1e3 * float(np.median(s["times"])), 1),
                 "min_ms": round(1e3 * min(s["times"]), 1), "n": len(s["times"])}
             for k, s in sides.items()}

@@ -74,6 +74,8 @@ def test_ab_revisions_runs_two_revisions_and_records_both(tmp_path):
         ab_revisions.main(["--case", "flow_s"])  # no --base
     with pytest.raises(SystemExit):
         ab_revisions.main(["--case", "flow_s", "--base", "HEAD", "--head_options", "[1]"])
+    with pytest.raises(SystemExit):
+        ab_revisions.main(["--case", "nope", "--base", "HEAD"])
     src = ab_revisions.export("HEAD", tmp_path / "rev")
     assert (src / "fluxflow_jax" / "models" / "flow.py").is_file()
     out = tmp_path / "ab.json"
@@ -85,4 +87,7 @@ def test_ab_revisions_runs_two_revisions_and_records_both(tmp_path):
     assert result["case"] == "flow_s"
     assert {k: (r["rev"], r["options"]) for k, r in result["rows"].items()} == {
         "base": ("HEAD", {}), "head": (".", flag)}
+    head = ab_revisions.commit_of("HEAD")
+    assert result["rows"]["base"]["commit"] == head and result["rows"]["head"]["commit"] == (
+        head + "+tree")
     assert all(r["n"] == 1 and r["median_ms"] > 0 for r in result["rows"].values())

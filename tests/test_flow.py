@@ -272,10 +272,17 @@ def test_gradients_finite_nonzero_and_identical_under_remat(tiny):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
+def _plain_attention(q, k, v):
+    """Softmax attention left to autodiff: the reference the tests below hold ours to."""
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k) * q.shape[-1] ** -0.5
+    w = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bhkd->bhqd", w, v)
+
+
 def test_one_key_cross_attention_equals_the_full_softmax_attention():
     """With one key, ParallelAttention skips q, RoPE and the softmax (the weights are exactly 1);
     its output and every gradient equal the full attention written out here."""
-    from fluxflow_jax.models.conditioning import dot_product_attention, merge_heads, split_heads
+    from fluxflow_jax.models.conditioning import merge_heads, split_heads
     from fluxflow_jax.models.flow import ParallelAttention, apply_rope, rope_tables
 
     d, heads = 16, 2
@@ -294,7 +301,7 @@ def test_one_key_cross_attention_equals_the_full_softmax_attention():
         kv = dense("kv_proj", x_kv)
         q = apply_rope(split_heads(dense("q_proj", x_q), heads), *rope_q)
         k = apply_rope(split_heads(kv[..., :d], heads), *rope_k)
-        out = dot_product_attention(q, k, split_heads(kv[..., d:], heads))
+        out = _plain_attention(q, k, split_heads(kv[..., d:], heads))
         return dense("out_proj", merge_heads(out))
 
     def loss(f):
@@ -310,6 +317,28 @@ def test_one_key_cross_attention_equals_the_full_softmax_attention():
     # the query side gets exactly zero gradient either way; the values do not
     assert not np.any(g_ours[0]["q_proj"]["kernel"]) and not np.any(g_full[0]["q_proj"]["kernel"])
     assert not np.any(g_ours[1]) and np.any(g_ours[2])
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
+def test_attention_backward_equals_autodiff_of_the_softmax(dtype, tol):
+    """dot_product_attention's written-out backward (rowsum(dO * O) instead of rowsum(dP * P))
+    gives autodiff's gradients, computed in fp32 from the same inputs, to within ``tol`` of the
+    gradient's scale (bf16: its own rounding, as autodiff's bf16 gradients have); its forward is
+    autodiff's forward bit for bit."""
+    from fluxflow_jax.models.conditioning import dot_product_attention
+
+    rng = np.random.default_rng(4)
+    q, k, v, g = (jnp.asarray(2 * rng.standard_normal((2, 3, 5, 4)), dtype) for _ in range(4))
+    k, v = k[:, :, :4], v[:, :, :4]  # fewer keys than queries
+    assert jnp.array_equal(dot_product_attention(q, k, v), _plain_attention(q, k, v))
+    loss = lambda f: lambda q, k, v: jnp.sum((f(q, k, v) * g.astype(q.dtype)).astype(jnp.float32))
+    ours = jax.jit(jax.grad(loss(dot_product_attention), argnums=(0, 1, 2)))(q, k, v)
+    exact = jax.grad(loss(_plain_attention), argnums=(0, 1, 2))(
+        *(x.astype(jnp.float32) for x in (q, k, v)))
+    for a, b in zip(ours, exact):
+        assert a.dtype == dtype
+        err = float(jnp.max(jnp.abs(a.astype(jnp.float32) - b)))
+        assert err <= tol * float(jnp.max(jnp.abs(b))), (err, float(jnp.max(jnp.abs(b))))
 
 
 def test_initialisers_follow_the_reference():

@@ -21,12 +21,40 @@ def merge_heads(x: jax.Array) -> jax.Array:
     return x.transpose(0, 2, 1, 3).reshape(b, s, h * dh)
 
 
+@jax.custom_vjp
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Unmasked softmax attention on ``[B, H, S, Dh]`` heads (softmax in fp32)."""
+    """Unmasked softmax attention on ``[B, H, S, Dh]`` heads (softmax in fp32).
+
+    The forward is the plain one (the same values as ``jax.nn.softmax``). The backward is
+    written out because autodiff of the softmax costs passes over the ``[S, S]`` weights that
+    the identity ``rowsum(dP * P) = rowsum(dO * O)`` (as in FlashAttention) replaces by one over
+    ``[S, Dh]``. The flow step at 512 px (1024 tokens) went 2457 -> 2247 ms on 2 CPU cores, at
+    256 px 272 -> 251 ms (``benchmarks/README.md``, "Attention backward").
+    """
+    return _attention_fwd(q, k, v)[0]
+
+
+def _attention_fwd(q: jax.Array, k: jax.Array, v: jax.Array):
     scale = q.shape[-1] ** -0.5
     logits = jnp.einsum("bhqd,bhkd->bhqk", q, k) * scale
     w = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bhkd->bhqd", w, v)
+    out = jnp.einsum("bhqk,bhkd->bhqd", w, v, preferred_element_type=jnp.float32)
+    return out.astype(v.dtype), (q, k, v, w, out)
+
+
+def _attention_bwd(res, d_out: jax.Array):
+    q, k, v, w, out = res
+    scale = q.shape[-1] ** -0.5
+    dv = jnp.einsum("bhqk,bhqd->bhkd", w, d_out)
+    dw = jnp.einsum("bhqd,bhkd->bhqk", d_out, v, preferred_element_type=jnp.float32)
+    row = jnp.sum(d_out.astype(jnp.float32) * out, -1, keepdims=True)  # out kept in fp32
+    d_logits = (w.astype(jnp.float32) * (dw - row) * scale).astype(q.dtype)
+    dq = jnp.einsum("bhqk,bhkd->bhqd", d_logits, k)
+    dk = jnp.einsum("bhqk,bhqd->bhkd", d_logits, q)
+    return dq, dk, dv
+
+
+dot_product_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 class ContextAttentionMixer(nn.Module):
