@@ -71,7 +71,8 @@ CASES: dict[str, dict] = {
 SUITES = {
     "small": ["vae16", "vae32", "flow_s", "flow", "disc", "text_s", "vae_gan16", "flow_iter_s"],
     "full": ["vae16", "vae32", "vae32_128", "vae64_128", "vae128_256", "flow_s", "flow",
-             "flow512", "flow1024", "disc", "disc64", "text", "vae_gan16", "vae_gan32_128", "flow_iter"],
+             "flow512", "flow1024", "disc", "disc64", "text", "vae_gan16", "vae_gan32_128",
+             "flow_iter"],
 }
 # Kinds whose reference graph has a ConvTranspose2d (the expander): only these differ between
 # the reference as shipped and with the layout fix.

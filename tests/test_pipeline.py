@@ -29,7 +29,8 @@ DEMO = "configs/demo.py:test"
 pytestmark = pytest.mark.xdist_group("pipeline")
 # One compilation cache for this module's runs: the first run compiles, the restarts reuse it
 # (the same executables, so the bit-identical comparisons also hold across the cache).
-CACHE = os.environ.get("FLUXFLOW_JAX_TEST_CACHE") or tempfile.mkdtemp(prefix="fluxflow_jax_test_xla_")
+CACHE = (os.environ.get("FLUXFLOW_JAX_TEST_CACHE")
+         or tempfile.mkdtemp(prefix="fluxflow_jax_test_xla_"))
 
 
 def _env():

@@ -97,7 +97,8 @@ def mixer_rule(path: tuple) -> Optional[tuple[str, str]]:
     mod, leaf = path[0], path[-1]
     if mod.startswith("norm"):
         return f"{mod}.{'weight' if leaf == 'scale' else 'bias'}", "plain"
-    return f"{mod}.{'weight' if leaf == 'kernel' else 'bias'}", "linear" if leaf == "kernel" else "plain"
+    kind = "linear" if leaf == "kernel" else "plain"
+    return f"{mod}.{'weight' if leaf == 'kernel' else 'bias'}", kind
 
 
 class GatedContextInjection(nn.Module):
