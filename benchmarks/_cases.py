@@ -105,6 +105,8 @@ def _models(case: dict, dtype: str, names: set):
                    vae_attn_layers=c["attn_layers"], vae_attn_heads=c["attn_heads"])
     if "flow_dim" in c:
         cfg.update(flow_dim=c["flow_dim"], flow_layers=c["layers"], flow_heads=c["heads"])
+    if c.get("remat"):
+        cfg["remat"] = True
     if "base_ch" in c:
         cfg["disc"] = {"base_ch": c["base_ch"], "depth": c["depth"]}
     return registry.build_models(cfg, names)
