@@ -11,7 +11,9 @@ sources (``git archive`` of the revision into a temporary folder; ``--head`` def
 working tree), builds the case exactly as ``vs_reference.py`` does (its ``Ours``: same models,
 inputs, optimizer and ``xla.jit``), compiles once, and then the parent alternates them: one
 warm-up and ``--steps`` timed iterations on the base, the same on the head, for ``--rounds``
-rounds. Only one side runs at a time. Prints medians and minimums; writes JSON.
+rounds. Only one side runs at a time. Prints medians and minimums, and each side's memory
+(``XLA MB``: XLA's live bytes of the largest compiled part, as ``vs_reference.py``'s column;
+``RSS MB``: the side's peak resident set); writes JSON.
 
 ``--base_options`` / ``--head_options`` (JSON) add XLA compiler options to that side's compile, on
 top of the ones ``xla.jit`` picks, so the same revision on both sides A/Bs a compiler flag.
@@ -58,18 +60,21 @@ def export(rev: str, dest: Path) -> Path:
     return dest
 
 
-def compile_with(ours, options: dict) -> float:
-    """Compile every part of ``ours`` with ``options`` added to ``xla.jit``'s own; seconds."""
+def compile_with(ours, options: dict) -> dict:
+    """Compile every part of ``ours`` with ``options`` added to ``xla.jit``'s own:
+    ``{compile_s, mem_bytes}`` as ``Ours.compile`` reports them."""
     import jax
 
+    import _measure
     from fluxflow_jax import xla
 
-    key, t0 = jax.random.key(0), time.perf_counter()
+    key, t0, mem = jax.random.key(0), time.perf_counter(), 0
     for i, fn in enumerate(ours.steps):
         lowered = fn.lower(ours.params, ours.opt_states[i], ours.extra, key)  # xla.jit chooses
         base = (xla.compiler_options() or {}) if fn.uses_xla_convolutions else {}
         ours.steps[i] = lowered.compile(compiler_options={**base, **options})
-    return time.perf_counter() - t0
+        mem = max(mem, _measure.compiled_stats(ours.steps[i])["mem_bytes"])
+    return {"compile_s": time.perf_counter() - t0, "mem_bytes": mem}
 
 
 def child(src: str, case: str, options: str) -> None:
@@ -86,11 +91,14 @@ def child(src: str, case: str, options: str) -> None:
     assert str(where).startswith(str(Path(src).resolve())), f"imported {where}, not {src}"
     ours = Ours(CASES.get(case_def["name"], case_def), "float32")
     opts = json.loads(options)
-    compile_s = compile_with(ours, opts) if opts else ours.compile()["compile_s"]
-    print(json.dumps({"ready": True, "compile_s": compile_s}), flush=True)
+    stats = compile_with(ours, opts) if opts else ours.compile()
+    print(json.dumps({"ready": True, "compile_s": stats["compile_s"],
+                      "mem_bytes": stats["mem_bytes"]}), flush=True)
     for line in sys.stdin:
         n = int(line.split()[1]) if line.startswith("run") else 0
         if not n:
+            import _measure
+            print(json.dumps({"peak_rss": _measure.peak_rss()}), flush=True)
             break
         ours.run()  # warm-up after the other side ran
         times = []
@@ -143,8 +151,8 @@ def main(argv=None) -> int:
             if not ready.get("ready"):
                 raise SystemExit(f"{label} ({rev}) did not start; see its stderr above")
             sides[label] = {"rev": rev, "commit": commit_of(rev), "options": json.loads(opts),
-                            "proc": proc,
-                            "compile_s": ready["compile_s"], "times": []}
+                            "proc": proc, "compile_s": ready["compile_s"],
+                            "mem_bytes": ready["mem_bytes"], "times": []}
         for _ in range(args.rounds):
             for s in sides.values():
                 s["proc"].stdin.write(f"run {args.steps}\n")
@@ -153,16 +161,19 @@ def main(argv=None) -> int:
         for s in sides.values():
             s["proc"].stdin.write("quit\n")
             s["proc"].stdin.close()
+            s["peak_rss"] = json.loads(s["proc"].stdout.readline())["peak_rss"]
             s["proc"].wait()
     rows = {k: {"rev": s["rev"], "commit": s["commit"], "options": s["options"],
                 "compile_s": round(s["compile_s"], 1),
                 "median_ms": round(1e3 * float(np.median(s["times"])), 1),
-                "min_ms": round(1e3 * min(s["times"]), 1), "n": len(s["times"])}
+                "min_ms": round(1e3 * min(s["times"]), 1), "n": len(s["times"]),
+                "xla_mb": round(s["mem_bytes"] / 2 ** 20), "rss_mb": round(s["peak_rss"] / 2 ** 20)}
             for k, s in sides.items()}
     speedup = rows["base"]["median_ms"] / rows["head"]["median_ms"]
     for k, r in rows.items():
         print(f"{args.case:12s} {k} {r['rev']:10s} median {r['median_ms']:9.1f} ms  "
-              f"min {r['min_ms']:9.1f} ms  ({r['n']} iterations) {json.dumps(r['options'])}")
+              f"min {r['min_ms']:9.1f} ms  ({r['n']} iterations)  XLA {r['xla_mb']} MB  "
+              f"RSS {r['rss_mb']} MB {json.dumps(r['options'])}")
     print(f"{args.case:12s} base/head median: {speedup:.3f}")
     result = {"case": args.case, "rows": rows, "base_over_head": round(speedup, 3),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -91,3 +91,6 @@ def test_ab_revisions_runs_two_revisions_and_records_both(tmp_path):
     assert result["rows"]["base"]["commit"] == head and result["rows"]["head"]["commit"] == (
         head + "+tree")
     assert all(r["n"] == 1 and r["median_ms"] > 0 for r in result["rows"].values())
+    # Each side's memory: XLA's live bytes of its compiled step and its process's peak RSS,
+    # which holds at least those bytes.
+    assert all(0 < r["xla_mb"] < r["rss_mb"] for r in result["rows"].values())
