@@ -90,6 +90,7 @@ def child(src: str, case: str, options: str) -> None:
     where = Path(fluxflow_jax.__file__).resolve()
     assert str(where).startswith(str(Path(src).resolve())), f"imported {where}, not {src}"
     ours = Ours(CASES.get(case_def["name"], case_def), "float32")
+    ours.torch_weights = {}  # only the torch worker needs them; vs_reference drops them too
     opts = json.loads(options)
     stats = compile_with(ours, opts) if opts else ours.compile()
     print(json.dumps({"ready": True, "compile_s": stats["compile_s"],

@@ -120,3 +120,23 @@ def test_init_compiles_at_o1_with_the_same_parameters():
     # Under an outer trace (how weights.initial_variables takes the shapes) it still works.
     shapes = jax.eval_shape(lambda: registry.init_params(models, key, (16, 16), L))
     assert jax.tree.map(lambda s: s.shape, shapes) == jax.tree.map(np.shape, ours)
+
+
+def test_compiles_hand_the_freed_compiler_heap_back(monkeypatch):
+    """After a backend compilation the allocator's free pages go back to the OS (before the
+    executable runs): a cached call compiles nothing and trims nothing; compilations shorter
+    than ``TRIM_AFTER_COMPILE_S`` are left alone."""
+    assert xla._malloc_trim() is not None  # glibc (Linux, CI): the real trim is there
+    calls = []
+    x, x5 = jnp.arange(7.0), jnp.arange(5.0)
+    f = xla.jit(lambda x: jnp.sin(x) * 3.0 + 1.0)
+    monkeypatch.setattr(xla, "_malloc_trim", lambda: calls.append)
+    monkeypatch.setattr(xla, "TRIM_AFTER_COMPILE_S", 0.0)
+    np.testing.assert_allclose(f(x), np.sin(np.arange(7.0)) * 3.0 + 1.0, rtol=1e-6)
+    assert calls and set(calls) == {0}
+    n = len(calls)
+    f(x)
+    assert len(calls) == n
+    monkeypatch.setattr(xla, "TRIM_AFTER_COMPILE_S", 1e9)
+    f(x5)  # a new shape compiles again, under the threshold now
+    assert len(calls) == n
