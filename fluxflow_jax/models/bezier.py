@@ -69,7 +69,7 @@ def bezier_activation(x: jax.Array, t_pre: Optional[str] = "sigmoid",
     from it (``jax.checkpoint`` of this element-wise function; same operations, same values).
     Autodiff would otherwise keep several ``[..., F]`` intermediates per site until the
     backward reaches it: on the VAE at d=64 / 128 px that is 1164 -> 940 MB of XLA's live
-    memory per step at the same step time (``benchmarks/README.md``, "Bezier sites").
+    memory per step at the same step time (``benchmarks/README.md``, "Peak memory").
     """
     c = x.shape[-1]
     if c % 5:
