@@ -3,6 +3,8 @@
 A case is ``{kind, config, batch, image | tokens | text_len}``. Kinds:
 
 * ``vae``: compressor (always samples, as the reference) + expander with SPADE, L1 loss;
+  ``config.remat`` recomputes activations in the backward on both sides (our ``model.remat``,
+  the reference's gradient checkpointing);
 * ``flow``: flow processor on packed latents, MSE against a fixed target;
 * ``disc``: patch discriminator (spectral norm, projection context), hinge loss on a real and a
   fake batch (two forward passes, one power iteration each, as torch in train mode);
@@ -50,6 +52,10 @@ CASES: dict[str, dict] = {
     "vae32_128": _vae(32, 4, 4, 8, 128, 2),
     "vae64_128": _vae(64, 4, 4, 8, 128, 2),
     "vae128_256": _vae(128, 4, 4, 8, 256, 1),          # Phase 1 width
+    # Both sides recompute activations in the backward: our model.remat, the reference's
+    # gradient checkpointing (its own default).
+    "vae64_128_remat": {**_vae(64, 4, 4, 8, 128, 2),
+                        "config": {**_vae(64, 4, 4, 8, 128, 2)["config"], "remat": True}},
     "flow_s": _flow(128, 4, 8, 2),
     "flow": _flow(128, 10, 16, 2),                      # Phase 1 flow at 256 px
     "flow512": _flow(512, 10, 16, 2),
@@ -83,7 +89,7 @@ def size_label(case: dict) -> str:
     c, k, b = case["config"], case["kind"], case["batch"]
     if k in ("vae", "vae_gan"):
         s = (f"VAE d={c['vae_dim']} attn {c['attn_layers']}x{c['attn_heads']}h "
-             f"{case['image']}px B{b}")
+             f"{case['image']}px B{b}" + (" remat" if c.get("remat") else ""))
         return s if k == "vae" else f"VAE+GAN {s[4:]} D{c['base_ch']}x{c['depth']}"
     if k in ("flow", "flow_iter"):
         h, w = case["tokens"]

@@ -158,7 +158,8 @@ def time_reference(case: dict, args, tmp: Path, variant: str, dtype: str, warmup
     ``{capped: True, times_s: [whatever finished], peak_rss}`` (the worker is killed)."""
     spec = {"mode": "bench", "kind": case["kind"], "config": case["config"],
             "ref_src": args.ref_src, "threads": args.threads, "warmup": warmup, "steps": steps,
-            "grad_ckpt": args.ref_grad_ckpt, "ref_variant": variant, "dtype": dtype,
+            "grad_ckpt": args.ref_grad_ckpt or bool(case["config"].get("remat")),
+            "ref_variant": variant, "dtype": dtype,
             "inputs": str(tmp / "inputs.st"), "weights": str(tmp / "weights.st")}
     (tmp / "spec.json").write_text(json.dumps(spec))
     out = tmp / "out.json"
