@@ -34,23 +34,39 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array
     return _attention_fwd(q, k, v)[0]
 
 
+def _materialised_swap(a: jax.Array) -> jax.Array:
+    """``a [B, H, X, Y]`` as ``[B, H, Y, X]``, on CPU written out behind an optimization barrier
+    so XLA cannot fold it back into the dot that reads it (see :func:`_attention_fwd`)."""
+    t = jnp.swapaxes(a, 2, 3)
+    return jax.lax.optimization_barrier(t) if jax.default_backend() == "cpu" else t
+
+
 def _attention_fwd(q: jax.Array, k: jax.Array, v: jax.Array):
+    """Forward, and the residuals of the backward: the weights are kept transposed.
+
+    Why transposed: ``dV = P^T dO`` and ``dK = dS^T Q`` contract over the query axis. Folded
+    into a dot as a transposed left operand, that is not a form the CPU's dot library (YNNPACK)
+    takes, and XLA's own kernel runs it at a quarter of the speed (1.55 ms against 0.37 ms at
+    ``[2, 8, 256, 256] x [.., 16]`` on 2 cores). Keeping ``P^T`` (one written-out transpose of
+    the weights, 0.21 ms there) and forming ``dS^T`` directly from it puts both products, and
+    ``dQ`` after one more transpose, in the library's form, at the memory of keeping ``P``.
+    """
     scale = q.shape[-1] ** -0.5
     logits = jnp.einsum("bhqd,bhkd->bhqk", q, k) * scale
     w = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
     out = jnp.einsum("bhqk,bhkd->bhqd", w, v, preferred_element_type=jnp.float32)
-    return out.astype(v.dtype), (q, k, v, w, out)
+    return out.astype(v.dtype), (q, k, v, _materialised_swap(w), out)
 
 
 def _attention_bwd(res, d_out: jax.Array):
-    q, k, v, w, out = res
+    q, k, v, w_t, out = res  # w_t: the weights as [B, H, K, Q]
     scale = q.shape[-1] ** -0.5
-    dv = jnp.einsum("bhqk,bhqd->bhkd", w, d_out)
-    dw = jnp.einsum("bhqd,bhkd->bhqk", d_out, v, preferred_element_type=jnp.float32)
-    row = jnp.sum(d_out.astype(jnp.float32) * out, -1, keepdims=True)  # out kept in fp32
-    d_logits = (w.astype(jnp.float32) * (dw - row) * scale).astype(q.dtype)
-    dq = jnp.einsum("bhqk,bhkd->bhqd", d_logits, k)
-    dk = jnp.einsum("bhqk,bhqd->bhkd", d_logits, q)
+    dv = jnp.einsum("bhkq,bhqd->bhkd", w_t, d_out)
+    dw_t = jnp.einsum("bhkd,bhqd->bhkq", v, d_out, preferred_element_type=jnp.float32)
+    row = jnp.sum(d_out.astype(jnp.float32) * out, -1)  # out kept in fp32; [B, H, Q]
+    d_logits_t = (w_t.astype(jnp.float32) * (dw_t - row[:, :, None, :]) * scale).astype(q.dtype)
+    dk = jnp.einsum("bhkq,bhqd->bhkd", d_logits_t, q)
+    dq = jnp.einsum("bhqk,bhkd->bhqd", _materialised_swap(d_logits_t), k)
     return dq, dk, dv
 
 
