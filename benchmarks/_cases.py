@@ -30,9 +30,10 @@ TEXT_CFG = {"vocab_size": 30522, "dim": 768, "n_layers": 6, "n_heads": 12, "hidd
             "freeze_backbone": False}
 
 
-def _vae(d, ds, attn, heads, image, batch):
+def _vae(d, ds, attn, heads, image, batch, remat=False):
+    cfg = {"vae_dim": d, "downscales": ds, "attn_layers": attn, "attn_heads": heads}
     return {"kind": "vae", "image": image, "batch": batch,
-            "config": {"vae_dim": d, "downscales": ds, "attn_layers": attn, "attn_heads": heads}}
+            "config": {**cfg, "remat": True} if remat else cfg}
 
 
 def _flow(dim, layers, side, batch, vae_dim=128, emb=1024, heads=8):
@@ -54,8 +55,7 @@ CASES: dict[str, dict] = {
     "vae128_256": _vae(128, 4, 4, 8, 256, 1),          # Phase 1 width
     # Both sides recompute activations in the backward: our model.remat, the reference's
     # gradient checkpointing (its own default).
-    "vae64_128_remat": {**_vae(64, 4, 4, 8, 128, 2),
-                        "config": {**_vae(64, 4, 4, 8, 128, 2)["config"], "remat": True}},
+    "vae64_128_remat": _vae(64, 4, 4, 8, 128, 2, remat=True),
     "flow_s": _flow(128, 4, 8, 2),
     "flow": _flow(128, 10, 16, 2),                      # Phase 1 flow at 256 px
     "flow512": _flow(512, 10, 16, 2),
