@@ -28,7 +28,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from fluxflow_jax import optim, sharding, steps
+from fluxflow_jax import optim, sharding, steps, xla
 from fluxflow_jax.models import registry
 from fluxflow_jax.state import create_train_state
 
@@ -162,9 +162,10 @@ def main(argv=None) -> int:
     bad = [s for s in sizes if s not in SIZES]
     if bad:
         ap.error(f"unknown size(s) {bad}; choose from {list(SIZES)}")
+    host = xla.configure_cpu_host()  # as the entry points do
     dev = jax.devices()[0]
     print(f"devices: {jax.device_count()} x {dev.device_kind} ({dev.platform}); jax "
-          f"{jax.__version__}", flush=True)
+          f"{jax.__version__}; CPU host runtime: {host}", flush=True)
     rows = []
     for s in sizes:
         rows += bench_size(s, args.batch, args.steps, args.bf16, args.remat, args.init_ab)

@@ -78,6 +78,7 @@ class Ours:
 
         from fluxflow_jax import xla  # the compile options the training steps use
 
+        self.host_runtime = xla.configure_cpu_host()  # as the entry points do, before any array
         params, extra, parts, self.inputs, self.torch_weights = build_case(case, dtype)
         tx = optax.adam(1e-4)
         self.steps, opt_states = [], []

@@ -314,6 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--lpips_weights", help="LPIPS safetensors file(s), comma-separated")
     ap.add_argument("--json", help="output JSON (default W/eval/<stage>.json)")
     args = ap.parse_args(argv)
+    xla.configure_cpu_host()
     loading.enable_compilation_cache()
     try:
         if args.num < 1:

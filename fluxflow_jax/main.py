@@ -23,7 +23,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 # Importing the package touches no device, so jax.distributed can still be initialised first.
-from fluxflow_jax import checkpoint, data, interop, pipeline, stages, weights
+from fluxflow_jax import checkpoint, data, interop, pipeline, stages, weights, xla
 from fluxflow_jax import controls as controls_lib
 
 # What a user can fix: reported in one line (exit 2); anything else is an internal error and keeps
@@ -220,6 +220,7 @@ def _main(controls: controls_lib.StopControls | None) -> int:
     except DistributedInitError as e:
         print(f"error: {e}", file=sys.stderr)
         return pipeline.EXIT_USER_ERROR
+    logging.info("CPU host runtime: %s", xla.configure_cpu_host())
     warm_cpu_collectives()
     enable_compilation_cache(FLAGS.compilation_cache)
     config = FLAGS.config

@@ -100,3 +100,25 @@ def test_a_dataset_can_be_repointed_from_the_command_line(tmp_path):
                   f"--config.datasets.shapes.captions_file={cfg['captions_file']}")
     assert p.returncode == 0, p.stderr[-2000:]
     assert "dataset: shapes (folder)" in p.stdout
+
+
+def test_the_entry_point_sets_up_the_cpu_host_before_jax_starts():
+    """``main`` configures the CPU runtime (``xla.configure_cpu_host``) before anything starts
+    JAX's backends, where the setting can still take effect; ``evaluate`` and ``generate`` call
+    it first thing too."""
+    p = _validate("configs/demo.py:test", "--verbosity=0")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "CPU host runtime: on" in p.stderr, p.stderr[-2000:]
+
+
+@pytest.mark.parametrize("cli", ["generate", "evaluate"])
+def test_sampling_entry_points_set_up_the_cpu_host_first(cli, tmp_path, monkeypatch, capsys):
+    from fluxflow_jax import evaluate, generate, xla
+    calls = []
+    monkeypatch.setattr(xla, "configure_cpu_host", lambda: calls.append(1) or "on")
+    main = {"generate": generate.main, "evaluate": evaluate.main}[cli]
+    # An empty workdir: the command fails on it, after the set-up.
+    assert main(["--workdir", str(tmp_path), "--out", str(tmp_path / "o")]
+                if cli == "generate" else ["--workdir", str(tmp_path)]) == 2
+    assert calls == [1]
+    assert "error:" in capsys.readouterr().err

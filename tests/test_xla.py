@@ -4,7 +4,11 @@ is 2-3x slower there, benchmarks/README.md), with the same numbers; smaller ones
 user's own ``XLA_FLAGS`` setting wins; nothing is passed off CPU."""
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -140,3 +144,57 @@ def test_compiles_hand_the_freed_compiler_heap_back(monkeypatch):
     monkeypatch.setattr(xla, "TRIM_AFTER_COMPILE_S", 1e9)
     f(x5)  # a new shape compiles again, under the threshold now
     assert len(calls) == n
+
+
+# A step with a 64 MB temporary block (larger than a glibc thread arena's heap can hold), run in
+# a fresh process after configure_cpu_host or its opt-out: the page faults per call say whether
+# the block is mapped and faulted in afresh each time.
+_FAULT_PROBE = """
+import json, resource
+from fluxflow_jax import xla
+status = xla.configure_cpu_host()
+import jax, jax.numpy as jnp
+x = jnp.linspace(-1.0, 1.0, 2 ** 24, dtype=jnp.float32).reshape(2 ** 21, 8)
+w = jnp.linspace(-0.5, 0.5, 64, dtype=jnp.float32).reshape(8, 8)
+c = jax.jit(lambda x, w: jnp.sum((jnp.tanh(x) @ w) * (jnp.sin(x) @ w.T), axis=0)).lower(
+    x, w).compile()
+faults = []
+for _ in range(9):
+    r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    y = c(x, w).block_until_ready()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
+print(json.dumps({"status": status, "temp": c.memory_analysis().temp_size_in_bytes,
+                  "faults": faults[2:], "y": [float(v) for v in y]}))
+"""
+
+
+def _probe(env: dict) -> dict:
+    e = {k: v for k, v in os.environ.items() if k != "JAX_CPU_ENABLE_ASYNC_DISPATCH"}
+    p = subprocess.run([sys.executable, "-c", _FAULT_PROBE], env={**e, **env},
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_cpu_steps_reuse_their_temporaries_pages_with_the_same_numbers():
+    """configure_cpu_host (what the entry points call first): a step's temporary block is no
+    longer mapped and faulted in afresh at every call; the user's own dispatch setting opts out;
+    the results are the same either way."""
+    on = _probe({})
+    off = _probe({"JAX_CPU_ENABLE_ASYNC_DISPATCH": "true"})
+    assert on["status"] == "on"
+    assert off["status"] == "skipped: JAX_CPU_ENABLE_ASYNC_DISPATCH is set"
+    pages = on["temp"] / 4096
+    assert on["temp"] == off["temp"] >= 2 ** 26
+    assert min(off["faults"]) > 0.9 * pages, off  # JAX's default: every call faults it in
+    # Configured: the same pages serve the next call (the heap settles in a call or two; a
+    # late call may still grow it once, so the typical call is what is asserted).
+    assert sorted(on["faults"])[len(on["faults"]) // 2] < 0.02 * pages, on
+    assert on["y"] == off["y"]
+
+
+def test_cpu_host_settings_respect_the_user_and_a_started_backend():
+    jnp.ones(2).block_until_ready()  # this process's backends are up
+    assert xla.configure_cpu_host() == "skipped: the JAX backends already started"
+    assert _probe({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})["status"] == (
+        "skipped: the environment sets glibc's allocator")
