@@ -160,6 +160,9 @@ def configure_cpu_host() -> str:
     "Host allocator"). Executed on the calling thread, the block comes from glibc's main heap;
     with ``mmap`` off for that heap and its automatic trim raised to ``KEEP_HEAP_BYTES``, the
     next step reuses the same pages. The compiled programs and their numbers do not change.
+    Resident memory stays at the step's high-water mark between steps (it reached it during every
+    step before); a step with more than ``KEEP_HEAP_BYTES`` of temporaries is still handed back
+    to the OS after each call, as before.
 
     Returns ``'on'``, or why nothing was changed: the backends already started (the dispatch
     mode is fixed when the CPU client is made), the user set the dispatch mode
