@@ -88,6 +88,11 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
                     f"{r['ours_pct_peak']:.0f}%", f"{r['ref_pct_peak']:.0f}%",
                     f"{r['ours_xla_mb']:.0f}", f"{r['ours_rss_mb']:.0f}", f"{r['ref_rss_mb']:.0f}",
                     fmt_ratio(r["ours_rss_mb"], r["ref_rss_mb"]), f"{r['ours_compile_s']:.1f}"])
+        if any("floor_ms" in x for x in rows):
+            has = "floor_ms" in r
+            out[-1] += [fmt_ms(r["floor_ms"]) if has else "-",
+                        fmt_ratio(r["floor_ms"], r["ours_ms"]) if has else "-",
+                        fmt_ratio(r["ref_ms"], r["floor_ms"]) if has else "-"]
     return out
 
 
@@ -95,14 +100,22 @@ HEADER = ["case", "dtype", "ours", "ref (fixed)", "ref (as shipped)", "ref/ours"
           "ref/ours CPU s", "GFLOP",
           "ours % peak", "ref % peak", "ours XLA MB", "ours RSS MB", "ref RSS MB",
           "RSS ours/ref", "compile s"]
+# With --floor (benchmarks/_floor.py): the step's matmuls and convolutions alone, each timed by
+# itself; the share of our step they are; and ref / floor, the most any arrangement of those
+# kernels could reach against the reference.
+FLOOR_HEADER = ["kernel floor", "floor/ours", "ref/floor"]
+
+
+def header(rows: list[dict]) -> list[str]:
+    return HEADER + (FLOOR_HEADER if any("floor_ms" in r for r in rows) else [])
 
 
 def print_table(rows: list[dict]) -> None:
-    body = table_rows(rows)
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(HEADER)]
+    body, head = table_rows(rows), header(rows)
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w)
                                    for i, (c, w) in enumerate(zip(cells, widths)))
-    print("\n" + line(HEADER) + "\n" + "-" * (sum(widths) + 2 * len(widths)))
+    print("\n" + line(head) + "\n" + "-" * (sum(widths) + 2 * len(widths)))
     for b in body:
         print(line(b))
 
@@ -113,7 +126,7 @@ def markdown_table(rows: list[dict], meta: dict) -> str:
             f"{meta['peak']['float32']} / bf16 {meta['peak']['bfloat16']} GFLOP/s; load "
             f"average at start {meta['loadavg']}.")
     lines = [f"Command: `{meta['command']}`  ", info, "",
-             "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+             "| " + " | ".join(header(rows)) + " |", "|" + "---|" * len(header(rows))]
     lines += ["| " + " | ".join(b) + " |" for b in table_rows(rows)]
     return "\n".join(lines) + "\n"
 

@@ -41,8 +41,11 @@ the same dtype. Memory: ``ours XLA MB`` = temporaries + arguments + outputs - do
 largest part; ``RSS MB``: peak resident set of our child / of the torch worker (each includes
 its runtime and imports; our child drops its host copy of the worker's weights once written and
 measures its own matmul peak only after the case, so neither counts). ``ref/ours`` > 1 means
-fluxflow_jax is faster. A shared 2-core VM varies by 15% or more between runs: read ratios, not
-absolute times, and read 0.85-1.15 as parity. Results: a table on stdout,
+fluxflow_jax is faster. ``--floor`` adds the kernel floor (``_floor.py``): every matmul and
+convolution of our step timed alone, summed - the share of our step they are, and
+``ref/floor``, the most any arrangement of XLA:CPU's kernels could reach. A shared 2-core VM
+varies by 15% or more between runs: read ratios, not absolute times, and read 0.85-1.15 as
+parity. Results: a table on stdout,
 ``benchmarks/results/vs_reference.json`` and, with ``--readme``, the table in
 ``benchmarks/README.md``.
 """
@@ -65,6 +68,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 WORKER = HERE / "_torch_worker.py"
 
+import _floor
 import _measure
 from _cases import CASES, HAS_CONV_T, SUITES, build_case, size_label
 
@@ -114,6 +118,7 @@ class Ours:
         key = jax.random.key(0)
         t0 = time.perf_counter()
         stats = []
+        self.jitted = list(self.steps)
         for i, fn in enumerate(self.steps):
             compiled = fn.lower(self.params, self.opt_states[i], self.extra, key).compile()
             stats.append(_measure.compiled_stats(compiled))
@@ -121,6 +126,15 @@ class Ours:
         return {"compile_s": time.perf_counter() - t0,
                 "flops": sum(s["flops"] for s in stats),
                 "mem_bytes": max(s["mem_bytes"] for s in stats)}
+
+    def jaxprs(self) -> list:
+        """Every part's step as a jaxpr, traced from the state's shapes (the arrays themselves
+        may have been donated): what ``_floor.kernel_floor`` reads."""
+        import jax
+
+        spec = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), t)
+        return [fn.trace(spec(self.params), spec(self.opt_states[i]), spec(self.extra),
+                         jax.random.key(0)).jaxpr.jaxpr for i, fn in enumerate(self.jitted)]
 
     def run(self) -> float:
         import jax
@@ -217,7 +231,7 @@ def run_case(name: str, dtype: str, args, tmp: Path) -> dict:
         shipped_ms, shipped_note = shipped_result(res, args.ref_cap)
         shipped_rss = res.get("peak_rss")
     med_o, med_r = float(np.median(t_ours)), float(np.median(t_ref))
-    return {"case": name, "size": size_label(case), "kind": case["kind"], "dtype": dtype,
+    row = {"case": name, "size": size_label(case), "kind": case["kind"], "dtype": dtype,
             "config": case["config"], "batch": case["batch"],
             "ours_ms": round(1e3 * med_o, 2), "ref_ms": round(1e3 * med_r, 2),
             "ratio_ref_over_ours": round(med_r / med_o, 3),
@@ -240,6 +254,9 @@ def run_case(name: str, dtype: str, args, tmp: Path) -> dict:
             "params": ours.n_params, "ref_params": ref["n_params"],
             "torch": ref["torch"], "ref_threads": ref["threads"],
             "timed_iterations": len(t_ours)}
+    if args.floor:  # after the peak RSS is read, so the op timings are not part of it
+        row.update(_floor.kernel_floor(ours.jaxprs()))
+    return row
 
 
 def run_child(args) -> int:
@@ -313,6 +330,9 @@ def parse_args(argv):
     ap.add_argument("--ref_grad_ckpt", action="store_true",
                     help="the reference VAE with gradient checkpointing (its default)")
     ap.add_argument("--worker_timeout", type=int, default=1800)
+    ap.add_argument("--floor", action="store_true",
+                    help="also time every matmul and convolution of our step alone: the kernel "
+                         "floor (benchmarks/_floor.py) and ref/floor, the most a target can reach")
     ap.add_argument("--readme", action="store_true",
                     help="write the table into benchmarks/README.md")
     ap.add_argument("--dynamics", type=int, default=0,

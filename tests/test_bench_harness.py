@@ -62,6 +62,66 @@ def test_bad_dtype_and_case_are_refused():
     assert names == _cases.SUITES["full"] and dtypes == ["float32", "bfloat16"]
 
 
+def _mlp_grad_jaxpr(n: int = 32):
+    import jax
+    import jax.numpy as jnp
+
+    def loss(w, x):
+        h = jnp.tanh(x @ w["a"])
+        h = jax.lax.scan(lambda c, _: (jnp.tanh(c @ w["b"]), None), h, None, length=3)[0]
+        return jnp.sum(h @ w["c"])
+
+    w = {k: jnp.ones((n, n)) for k in "abc"}
+    return jax.make_jaxpr(jax.grad(loss))(w, jnp.ones((n, n))).jaxpr
+
+
+def test_kernel_floor_counts_every_matmul_of_a_training_step_and_times_it():
+    import _floor
+
+    n = 32
+    found = _floor.collect(_mlp_grad_jaxpr(n))
+    # Forward: x@a, 3 x (c@b) in the scan, h@c; backward: two dots per forward dot (the
+    # weight and the input gradient) except x@a, whose input x is not differentiated.
+    calls = sum(v["count"] for v in found.values())
+    assert calls == 5 + 2 * 5 - 1
+    assert all(_floor.op_flops(v["eqn"]) == 2 * n ** 3 for v in found.values())
+    floor = _floor.kernel_floor([_mlp_grad_jaxpr(n)], reps=2)
+    assert floor["floor_op_calls"] == calls and floor["floor_ops"] == len(found)
+    assert floor["floor_gflop"] == round(calls * 2 * n ** 3 / 1e9, 2) and floor["floor_ms"] > 0
+
+
+def test_kernel_floor_counts_convolution_work_and_refuses_loops_of_unknown_length():
+    import jax
+    import jax.numpy as jnp
+    import _floor
+
+    x, k = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 5))
+    conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
+                                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    (item,) = _floor.collect(jax.make_jaxpr(conv)(x, k).jaxpr).values()
+    assert _floor.op_flops(item["eqn"]) == 2 * (2 * 8 * 8 * 5) * (3 * 3 * 3)
+
+    def loop(x):
+        return jax.lax.while_loop(lambda c: c[0, 0] < 5, lambda c: c @ c, x)
+    with pytest.raises(ValueError, match="while"):
+        _floor.collect(jax.make_jaxpr(loop)(jnp.ones((4, 4))).jaxpr)
+    no_dot = jax.make_jaxpr(lambda x: jax.lax.while_loop(lambda c: c < 5, lambda c: c + 1, x))
+    assert _floor.collect(no_dot(0).jaxpr) == {}
+
+
+def test_floor_columns_join_the_table_only_when_measured():
+    row = {"size": "disc", "dtype": "float32", "ours_ms": 100.0, "ref_ms": 150.0,
+           "ref_shipped_ms": None, "ref_shipped_note": None, "flops": 2e9,
+           "ours_pct_peak": 5.0, "ref_pct_peak": 3.3, "ours_xla_mb": 10.0, "ours_rss_mb": 900.0,
+           "ref_rss_mb": 800.0, "ours_compile_s": 3.0}
+    assert _measure.header([row]) == _measure.HEADER
+    (cells,) = _measure.table_rows([dict(row, floor_ms=75.0)])
+    assert _measure.header([dict(row, floor_ms=75.0)])[-3:] == _measure.FLOOR_HEADER
+    assert cells[-3:] == ["75 ms", "0.75", "2.00"]
+    assert vs_reference.parse_args(["--floor"])[0].floor
+    assert not vs_reference.parse_args([])[0].floor
+
+
 def test_ab_revisions_runs_two_revisions_and_records_both(tmp_path):
     """The A/B tool end to end on the smallest flow case: HEAD exported by git, the working tree
     with one XLA flag as the head; both sides build, compile and time, and the JSON names each
