@@ -58,6 +58,17 @@ def peak_rss() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def reset_peak_rss() -> bool:
+    """Restart this process's ``VmHWM`` from its current resident set (Linux ``clear_refs``
+    5), so a later :func:`peak_rss` is the peak of what ran since: the steps, without the
+    compiler's or the imports' transient high-water mark. False where the kernel refuses."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def fmt_ms(v) -> str:
     if v is None:
         return "-"
@@ -88,6 +99,9 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
                     f"{r['ours_pct_peak']:.0f}%", f"{r['ref_pct_peak']:.0f}%",
                     f"{r['ours_xla_mb']:.0f}", f"{r['ours_rss_mb']:.0f}", f"{r['ref_rss_mb']:.0f}",
                     fmt_ratio(r["ours_rss_mb"], r["ref_rss_mb"]), f"{r['ours_compile_s']:.1f}"])
+        if any("ours_step_rss_mb" in x for x in rows):
+            o, f = r.get("ours_step_rss_mb"), r.get("ref_step_rss_mb")
+            out[-1].append(f"{o:.0f} / {f:.0f} ({fmt_ratio(o, f)})" if o and f else "-")
         if any("floor_ms" in x for x in rows):
             has = "floor_ms" in r
             out[-1] += [fmt_ms(r["floor_ms"]) if has else "-",
@@ -106,8 +120,14 @@ HEADER = ["case", "dtype", "ours", "ref (fixed)", "ref (as shipped)", "ref/ours"
 FLOOR_HEADER = ["kernel floor", "floor/ours", "ref/floor"]
 
 
+# Peak RSS over the timed iterations only (VmHWM restarted after compiling / the warm-up):
+# ours MB / the reference's MB (ours/ref).
+STEP_RSS_HEADER = ["RSS in steps MB ours / ref"]
+
+
 def header(rows: list[dict]) -> list[str]:
-    return HEADER + (FLOOR_HEADER if any("floor_ms" in r for r in rows) else [])
+    return (HEADER + (STEP_RSS_HEADER if any("ours_step_rss_mb" in r for r in rows) else [])
+            + (FLOOR_HEADER if any("floor_ms" in r for r in rows) else []))
 
 
 def print_table(rows: list[dict]) -> None:

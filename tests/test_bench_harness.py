@@ -122,6 +122,27 @@ def test_floor_columns_join_the_table_only_when_measured():
     assert not vs_reference.parse_args([])[0].floor
 
 
+def test_step_peak_rss_leaves_out_an_earlier_transient_high_water_mark():
+    import mmap
+
+    size = 300 * 2**20  # mapped, touched and unmapped: whatever the allocator's settings
+    big = mmap.mmap(-1, size)
+    for offset in range(0, size, mmap.PAGESIZE):
+        big[offset] = 1
+    big.close()
+    before = _measure.peak_rss()
+    assert _measure.reset_peak_rss()
+    after = _measure.peak_rss()
+    assert before - after > 200 * 2**20
+    row = {"size": "disc", "dtype": "float32", "ours_ms": 100.0, "ref_ms": 150.0,
+           "ref_shipped_ms": None, "ref_shipped_note": None, "flops": 2e9,
+           "ours_pct_peak": 5.0, "ref_pct_peak": 3.3, "ours_xla_mb": 10.0, "ours_rss_mb": 900.0,
+           "ref_rss_mb": 800.0, "ours_compile_s": 3.0}
+    (cells,) = _measure.table_rows([dict(row, ours_step_rss_mb=600.0, ref_step_rss_mb=800.0)])
+    assert cells[-1] == "600 / 800 (0.75)"
+    assert _measure.header([dict(row, ours_step_rss_mb=1.0)])[-1] == "RSS in steps MB ours / ref"
+
+
 def test_ab_revisions_runs_two_revisions_and_records_both(tmp_path):
     """The A/B tool end to end on the smallest flow case: HEAD exported by git, the working tree
     with one XLA flag as the head; both sides build, compile and time, and the JSON names each
