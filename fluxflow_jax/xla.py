@@ -172,7 +172,6 @@ def configure_cpu_host() -> str:
     """
     from jax._src import xla_bridge  # backends_are_initialized has no public name
 
-    mallopt = _glibc("mallopt")
     if xla_bridge.backends_are_initialized():
         return "skipped: the JAX backends already started"
     if _ASYNC_DISPATCH.upper() in os.environ:
@@ -180,6 +179,7 @@ def configure_cpu_host() -> str:
     if "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "") or any(
             k in os.environ for k in _USER_ALLOCATOR_ENV):
         return "skipped: the environment sets glibc's allocator"
+    mallopt = _glibc("mallopt")
     if mallopt is None:
         return "skipped: the C library is not glibc"
     if not (mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, KEEP_HEAP_BYTES)):
