@@ -16,21 +16,10 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
 
 OPS = ("dot_general", "conv_general_dilated")
 WORK_FLOPS = 5e7     # each timed call runs about this much work (small ops are repeated)
 MAX_COPIES = 32
-
-
-def _sub_jaxprs(eqn) -> list[Any]:
-    out = []
-    for v in eqn.params.values():
-        for p in (v if isinstance(v, (tuple, list)) else (v,)):
-            j = p if hasattr(p, "eqns") else getattr(p, "jaxpr", None)
-            if hasattr(j, "eqns"):
-                out.append(j)
-    return out
 
 
 def _key(eqn) -> str:
@@ -43,13 +32,15 @@ def collect(jaxpr, mult: float = 1.0, found: dict | None = None) -> dict[str, di
     sub-jaxprs included, with how many times one run of ``jaxpr`` executes it. A ``scan`` counts
     its body ``length`` times; a ``while`` or ``cond`` holding a matmul is refused (its trip
     count or branch is not known from the jaxpr)."""
+    from fluxflow_jax.xla import _sub_jaxprs  # the same walk as the conv-library choice
+
     found = {} if found is None else found
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
         if name in OPS:
             found.setdefault(_key(eqn), {"eqn": eqn, "count": 0.0})["count"] += mult
             continue
-        subs = _sub_jaxprs(eqn)
+        subs = list(_sub_jaxprs(eqn.params))
         if name in ("while", "cond"):
             if any(collect(j) for j in subs):
                 raise ValueError(f"a {name} holding matmuls or convolutions: the kernel floor "
@@ -136,14 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     """``python benchmarks/_floor.py --case disc``: one case's kernel floor, its costliest ops
     with the time of each under both convolution libraries, and our step's time beside it."""
     import argparse
-    import sys
 
     ap = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
     ap.add_argument("--case", required=True)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--top", type=int, default=12)
     args = ap.parse_args(argv)
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
     import numpy as np
     from _cases import CASES
     from vs_reference import Ours

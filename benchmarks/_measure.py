@@ -90,6 +90,8 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
     matmul peak on both sides, memory (ours: XLA's live bytes and process peak RSS; reference:
     worker peak RSS) and our compile time."""
     out = []
+    step_rss = any("ours_step_rss_mb" in x for x in rows)
+    floor = any("floor_ms" in x for x in rows)
     for r in rows:
         gf = r["flops"] / 1e9
         out.append([r["size"], r["dtype"].replace("float32", "fp32").replace("bfloat16", "bf16"),
@@ -99,10 +101,10 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
                     f"{r['ours_pct_peak']:.0f}%", f"{r['ref_pct_peak']:.0f}%",
                     f"{r['ours_xla_mb']:.0f}", f"{r['ours_rss_mb']:.0f}", f"{r['ref_rss_mb']:.0f}",
                     fmt_ratio(r["ours_rss_mb"], r["ref_rss_mb"]), f"{r['ours_compile_s']:.1f}"])
-        if any("ours_step_rss_mb" in x for x in rows):
+        if step_rss:
             o, f = r.get("ours_step_rss_mb"), r.get("ref_step_rss_mb")
             out[-1].append(f"{o:.0f} / {f:.0f} ({fmt_ratio(o, f)})" if o and f else "-")
-        if any("floor_ms" in x for x in rows):
+        if floor:
             has = "floor_ms" in r
             out[-1] += [fmt_ms(r["floor_ms"]) if has else "-",
                         fmt_ratio(r["floor_ms"], r["ours_ms"]) if has else "-",

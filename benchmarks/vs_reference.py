@@ -236,31 +236,31 @@ def run_case(name: str, dtype: str, args, tmp: Path) -> dict:
         shipped_rss = res.get("peak_rss")
     med_o, med_r = float(np.median(t_ours)), float(np.median(t_ref))
     row = {"case": name, "size": size_label(case), "kind": case["kind"], "dtype": dtype,
-            "config": case["config"], "batch": case["batch"],
-            "ours_ms": round(1e3 * med_o, 2), "ref_ms": round(1e3 * med_r, 2),
-            "ratio_ref_over_ours": round(med_r / med_o, 3),
-            # CPU seconds per iteration: less sensitive to other processes than wall time at
-            # --threads 1 (at 2 threads torch's OpenMP spin-waits count as CPU time too).
-            "ours_cpu_ms": round(1e3 * float(np.median(c_ours)), 2),
-            "ref_cpu_ms": round(1e3 * float(np.median(c_ref)), 2),
-            "ratio_cpu": round(float(np.median(c_ref)) / float(np.median(c_ours)), 3),
-            "ours_min_ms": round(1e3 * float(np.min(t_ours)), 2),
-            "ref_min_ms": round(1e3 * float(np.min(t_ref)), 2),
-            "ref_shipped_ms": None if shipped_ms is None else round(shipped_ms, 1),
-            "ref_shipped_note": shipped_note,
-            "ref_shipped_rss_mb": None if shipped_rss is None else round(shipped_rss / 2**20),
-            "flops": st["flops"],
-            "ours_xla_mb": round(st["mem_bytes"] / 2**20, 1),
-            "ours_rss_mb": round(max(peak_all, _measure.peak_rss()) / 2**20, 1),
-            "ref_rss_mb": round(ref["peak_rss"] / 2**20, 1),
-            "ours_step_rss_mb": round(_measure.peak_rss() / 2**20, 1) if steps_only else None,
-            "ref_step_rss_mb": (round(ref["peak_rss_steps"] / 2**20, 1)
-                                if ref.get("peak_rss_steps") else None),
-            "ours_compile_s": round(st["compile_s"], 2),
-            "ours_loss0": loss0, "ref_loss0": ref["loss0"],
-            "params": ours.n_params, "ref_params": ref["n_params"],
-            "torch": ref["torch"], "ref_threads": ref["threads"],
-            "timed_iterations": len(t_ours)}
+           "config": case["config"], "batch": case["batch"],
+           "ours_ms": round(1e3 * med_o, 2), "ref_ms": round(1e3 * med_r, 2),
+           "ratio_ref_over_ours": round(med_r / med_o, 3),
+           # CPU seconds per iteration: less sensitive to other processes than wall time at
+           # --threads 1 (at 2 threads torch's OpenMP spin-waits count as CPU time too).
+           "ours_cpu_ms": round(1e3 * float(np.median(c_ours)), 2),
+           "ref_cpu_ms": round(1e3 * float(np.median(c_ref)), 2),
+           "ratio_cpu": round(float(np.median(c_ref)) / float(np.median(c_ours)), 3),
+           "ours_min_ms": round(1e3 * float(np.min(t_ours)), 2),
+           "ref_min_ms": round(1e3 * float(np.min(t_ref)), 2),
+           "ref_shipped_ms": None if shipped_ms is None else round(shipped_ms, 1),
+           "ref_shipped_note": shipped_note,
+           "ref_shipped_rss_mb": None if shipped_rss is None else round(shipped_rss / 2**20),
+           "flops": st["flops"],
+           "ours_xla_mb": round(st["mem_bytes"] / 2**20, 1),
+           "ours_rss_mb": round(max(peak_all, _measure.peak_rss()) / 2**20, 1),
+           "ref_rss_mb": round(ref["peak_rss"] / 2**20, 1),
+           "ours_step_rss_mb": round(_measure.peak_rss() / 2**20, 1) if steps_only else None,
+           "ref_step_rss_mb": (round(ref["peak_rss_steps"] / 2**20, 1)
+                               if ref.get("peak_rss_steps") else None),
+           "ours_compile_s": round(st["compile_s"], 2),
+           "ours_loss0": loss0, "ref_loss0": ref["loss0"],
+           "params": ours.n_params, "ref_params": ref["n_params"],
+           "torch": ref["torch"], "ref_threads": ref["threads"],
+           "timed_iterations": len(t_ours)}
     if args.floor:  # after the peak RSS is read, so the op timings are not part of it
         row.update(_floor.kernel_floor(ours.jaxprs()))
     return row
