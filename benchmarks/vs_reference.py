@@ -90,7 +90,7 @@ class Ours:
         self.steps, opt_states = [], []
         for names, loss_fn in parts:
             self.steps.append(xla.jit(self._make_step(names, loss_fn, tx),
-                                      donate_argnums=(0, 1, 2)))
+                                      donate_argnums=(0, 1, 2), measure=True))
             opt_states.append(tx.init({n: params[n] for n in names}))
         self.params, self.extra, self.opt_states = params, extra, opt_states
         trained = {n for names, _ in parts for n in names}
@@ -208,6 +208,8 @@ def run_case(name: str, dtype: str, args, tmp: Path) -> dict:
     """Compile ours, then ``--rounds`` alternations of (our iterations, a fixed-reference worker
     run), so slow drifts of a shared machine hit both sides alike; then, for kinds with a
     transposed conv and fp32, the reference as shipped under ``--ref_cap``."""
+    from fluxflow_jax import xla
+
     case = CASES[name]
     ours = Ours(case, dtype)
     st = ours.compile()
@@ -256,7 +258,8 @@ def run_case(name: str, dtype: str, args, tmp: Path) -> dict:
            "ours_step_rss_mb": round(_measure.peak_rss() / 2**20, 1) if steps_only else None,
            "ref_step_rss_mb": (round(ref["peak_rss_steps"] / 2**20, 1)
                                if ref.get("peak_rss_steps") else None),
-           "ours_compile_s": round(st["compile_s"], 2),
+           "ours_compile_s": round(st["compile_s"], 2),  # with measuring the conv library
+           "ours_conv_library": [xla.convolution_choice(j) for j in ours.jitted],
            "ours_loss0": loss0, "ref_loss0": ref["loss0"],
            "params": ours.n_params, "ref_params": ref["n_params"],
            "torch": ref["torch"], "ref_threads": ref["threads"],
@@ -386,7 +389,8 @@ def main(argv=None) -> int:
                       f"{_measure.shipped_cell(r)})  ref/ours {r['ratio_ref_over_ours']:5.2f} (CPU "
                       f"{r['ratio_cpu']:5.2f})  "
                       f"compile {r['ours_compile_s']:5.1f} s  loss0 {r['ours_loss0']:.5f} / "
-                      f"{r['ref_loss0']:.5f}", flush=True)
+                      f"{r['ref_loss0']:.5f}  CPU convolutions: "
+                      f"{', '.join(c or 'none' for c in r['ours_conv_library'])}", flush=True)
         dynamics = None
         if args.dynamics > 0:
             import _dynamics

@@ -345,7 +345,7 @@ def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | N
                 step_metrics.update(m)
             if compiling:  # the first call of each jitted step compiles it (or loads it from cache)
                 jax.block_until_ready(step_metrics)
-                libs = {k: xla.convolution_library(getattr(step_fns[k], "jitted", None))
+                libs = {k: xla.convolution_choice(getattr(step_fns[k], "jitted", None))
                         for k in st.kinds}
                 conv = ", ".join(f"{k} {v}" for k, v in libs.items() if v)
                 print(f"[{name}] compiled {'+'.join(st.kinds)} in "

@@ -16,7 +16,11 @@ training steps (``benchmarks/conv_backends.py``): the discriminator at base 64 /
 discriminator at base 16 / 64 px is 67 ms with YNNPACK and 82 ms without. So :func:`jit`
 traces the function at its first call (or ``.lower``), finds its largest convolution, and
 compiles it with YNNPACK's default fusion set minus ``INDIVIDUAL_CONVOLUTION`` when that
-convolution reaches ``CONV_ELEMENTS_XLA``. The choice
+convolution reaches ``CONV_ELEMENTS_XLA``. That rule was calibrated on the Intel machine; on a
+2-core AMD EPYC the d=32 VAE step at 128 px is faster with YNNPACK (1.04-1.07 s against 1.19 s),
+so no size rule fits every CPU. ``jit(..., measure=True)`` (the training steps) therefore times
+both programs at the first call of one that reaches the threshold and keeps the faster, measured
+once per machine and program (:mod:`fluxflow_jax.conv_choice`). The choice
 holds for the jitted function's later calls (a training stage keeps its shapes; aspect buckets
 change them little), and it only ever changes speed, never the numbers beyond rounding.
 
@@ -51,6 +55,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+
+from fluxflow_jax import conv_choice
 
 YNN_FUSION_FLAG = "xla_cpu_experimental_ynn_fusion_type"
 # jaxlib 0.10's default YNN fusion set without INDIVIDUAL_CONVOLUTION (checked on the compiled
@@ -230,31 +236,53 @@ def largest_conv(jaxpr: Any) -> int:
 
 
 class _Jit:
-    """``jax.jit(fn, **kwargs)``, compiled with :func:`compiler_options` when the first call's
-    largest convolution reaches ``CONV_ELEMENTS_XLA``. Calls, ``lower`` and every other
-    attribute of the chosen ``jax.jit`` object pass through."""
+    """``jax.jit(fn, **kwargs)`` whose CPU convolutions run in the library chosen at the first
+    call (or ``lower``): YNNPACK (jaxlib's default) below ``CONV_ELEMENTS_XLA``; at or above it
+    XLA's own (:func:`compiler_options`), or, with ``measure``, whichever runs this program faster
+    on this machine (:mod:`fluxflow_jax.conv_choice`). Calls, ``lower`` and every other attribute
+    of the chosen ``jax.jit`` object pass through."""
 
-    def __init__(self, fn: Callable, kwargs: dict):
+    def __init__(self, fn: Callable, kwargs: dict, measure: bool):
         self.__wrapped__ = fn
         self._default = jax.jit(fn, **kwargs)
         self._kwargs = kwargs
+        self._measure = measure
         self._chosen: Any = None
         self.uses_xla_convolutions: bool | None = None  # decided at the first call
+        self.conv_decision: dict | None = None  # how: {"by": "size"|"measured"|"remembered", ...}
+
+    def _fix(self, use_xla: bool, how: dict, opts: dict | None) -> Any:
+        self.uses_xla_convolutions, self.conv_decision = use_xla, how
+        self._chosen = (jax.jit(self.__wrapped__, compiler_options=opts, **self._kwargs)
+                        if use_xla else self._default)
+        return self._chosen
 
     def _choose(self, args: tuple, kwargs: dict) -> Any:
-        if self._chosen is None:
-            opts = compiler_options()
-            big = opts is not None and largest_conv(
-                self._default.trace(*args, **kwargs).jaxpr.jaxpr) >= CONV_ELEMENTS_XLA
-            self.uses_xla_convolutions = big
-            self._chosen = (jax.jit(self.__wrapped__, compiler_options=opts, **self._kwargs)
-                            if big else self._default)
-        return self._chosen
+        if self._chosen is not None:
+            return self._chosen
+        opts = compiler_options()
+        big = opts is not None and largest_conv(
+            self._default.trace(*args, **kwargs).jaxpr.jaxpr) >= CONV_ELEMENTS_XLA
+        if not (big and self._measure and jax.process_count() == 1):
+            # Several processes compile one program together: a per-host measurement could
+            # differ between hosts, so they keep the rule.
+            return self._fix(big, {"by": "size"}, opts)
+        key = conv_choice.program_key(self._default.lower(*args, **kwargs).as_text())
+        path = conv_choice.decisions_path()
+        record = conv_choice.recall(key, path)
+        how = "remembered"
+        if record is None:
+            xla_fn = jax.jit(self.__wrapped__, compiler_options=opts, **self._kwargs)
+            record, how = conv_choice.measure(xla_fn, self._default, args, kwargs), "measured"
+            conv_choice.remember(key, record, path)
+        return self._fix(record["library"] == "XLA", {**record, "by": how, "file": path}, opts)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return (self._chosen or self._choose(args, kwargs))(*args, **kwargs)
 
     def lower(self, *args: Any, **kwargs: Any) -> Any:
+        """The chosen program's lowering; with ``measure``, measuring first as a call would
+        (``args`` must then be arrays, not shapes)."""
         return self._choose(args, kwargs).lower(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -264,15 +292,33 @@ class _Jit:
 def convolution_library(jitted: Any) -> str | None:
     """``'XLA'`` or ``'YNNPACK'``: which library runs a :func:`jit` function's CPU convolutions,
     once its first call has chosen; None before that, off CPU, when the user's ``XLA_FLAGS``
-    decide, or for anything else (what the training loop prints after compiling)."""
+    decide, or for anything else."""
     used = getattr(jitted, "uses_xla_convolutions", None)
     if used is None or compiler_options() is None:
         return None
     return "XLA" if used else "YNNPACK"
 
 
-def jit(fn: Callable, **kwargs: Any) -> Any:
+def convolution_choice(jitted: Any) -> str | None:
+    """:func:`convolution_library` and why, as the training loop prints it after compiling:
+    ``'YNNPACK (measured: 1.04 s a call, XLA's 1.19 s)'``, ``'XLA (remembered from F)'``, or the
+    name alone when the size rule chose."""
+    lib = convolution_library(jitted)
+    how = getattr(jitted, "conv_decision", None) or {}
+    if lib is None or how.get("by") not in ("measured", "remembered"):
+        return lib
+    other = "XLA" if lib == "YNNPACK" else "YNNPACK"
+    secs = how["seconds"]
+    timing = f"{secs[lib]:.3g} s a call, {other}'s {secs[other]:.3g} s"
+    if how["by"] == "measured":
+        return f"{lib} (measured: {timing})"
+    return f"{lib} (remembered from {how['file'] or 'this process'}: {timing})"
+
+
+def jit(fn: Callable, *, measure: bool = False, **kwargs: Any) -> Any:
     """``jax.jit(fn, **kwargs)`` whose convolutions run where they are fastest, handing the
-    compiler's freed heap back after compiling (module doc)."""
+    compiler's freed heap back after compiling (module doc). ``measure``: decide the library of a
+    large-convolution program by timing both on this machine (:mod:`fluxflow_jax.conv_choice`;
+    worth it for functions called many times, such as training steps)."""
     _install_heap_release()
-    return _Jit(fn, kwargs)
+    return _Jit(fn, kwargs, measure)

@@ -1,7 +1,8 @@
 """``fluxflow_jax.xla.jit``: on CPU, a jitted function whose largest convolution reaches 2**19
 elements runs its convolutions with XLA's own kernels instead of YNNPACK's (whose kernel gradient
-is 2-3x slower there, benchmarks/README.md), with the same numbers; smaller ones keep YNNPACK; a
-user's own ``XLA_FLAGS`` setting wins; nothing is passed off CPU."""
+is 2-3x slower there on the Intel machine, benchmarks/README.md), or, with ``measure=True``,
+with whichever library it measures faster (tests/test_conv_choice.py), with the same numbers;
+smaller ones keep YNNPACK; a user's own ``XLA_FLAGS`` setting wins; nothing is passed off CPU."""
 from __future__ import annotations
 
 import json
@@ -89,16 +90,26 @@ def disc_step_for(world, base_ch, hw):  # noqa: F811
     return step, jax.device_put(state, sh), batch
 
 
-def test_training_step_chooses_by_its_largest_convolution(world):  # noqa: F811
-    """The engine's discriminator step: B=4 at 64 px with 32 channels (2**19 elements) compiles
-    its convolutions with XLA; the same step at 16 px keeps YNNPACK's."""
+def test_training_step_chooses_by_its_largest_convolution(world, monkeypatch):  # noqa: F811
+    """The engine's discriminator step: B=4 at 64 px with 32 channels (2**19 elements) is timed
+    under both libraries (tests/test_conv_choice.py; here the measurement is replaced by XLA's
+    winning, to compile one program only) and compiles its convolutions with XLA; the same step
+    at 16 px keeps YNNPACK's without measuring."""
+    monkeypatch.setattr(xla.conv_choice, "decisions_path", lambda: None)
+    monkeypatch.setattr(xla.conv_choice, "_decided", {})
+    monkeypatch.setattr(xla.conv_choice, "measure", lambda *_: {
+        "library": "XLA", "seconds": {"XLA": 1.0, "YNNPACK": 2.0}})
     big, state, batch = disc_step_for(world, 32, 64)
     hlo = big.lower(state, batch, RNG).compile().as_text()
     assert big.jitted.uses_xla_convolutions is True
+    assert big.jitted.conv_decision["by"] == "measured"
     assert hlo.count(" convolution(") >= 10 and ynn_conv_fusions(hlo) == 0
+    monkeypatch.setattr(xla.conv_choice, "measure", None)  # measuring now would fail
     small, state, batch = disc_step_for(world, 32, 16)
     small.lower(state, batch, RNG)
     assert small.jitted.uses_xla_convolutions is False
+    assert small.jitted.conv_decision == {"by": "size"}
+    assert xla.convolution_choice(small.jitted) == "YNNPACK"
 
 
 def test_init_compiles_at_o1_with_the_same_parameters():

@@ -164,7 +164,9 @@ def make_jitted(fn: Callable, mesh: Mesh, state_sharding: Any, extra: Any = None
     """``jax.jit`` of ``fn(state, batch, rng[, extra])`` with explicit shardings.
 
     State: ``state_sharding`` in and out, donated. Batch: leading dim over the data axes. rng,
-    ``extra`` (frozen constants such as LPIPS weights) and metrics: replicated. The returned
+    ``extra`` (frozen constants such as LPIPS weights) and metrics: replicated. On CPU a step
+    with large convolutions times both convolution libraries at its first call and keeps the
+    faster (``xla.jit(measure=True)``): it runs thousands of times. The returned
     callable takes ``(state, batch, rng)``; ``.lower(state, batch, rng)`` exposes compilation
     (benchmarks) and ``.jitted`` the underlying jitted function.
     """
@@ -172,7 +174,7 @@ def make_jitted(fn: Callable, mesh: Mesh, state_sharding: Any, extra: Any = None
     data = sharding.batch_sharding(mesh)
     if extra is None:
         jitted = xla.jit(fn, in_shardings=(state_sharding, data, repl),
-                         out_shardings=(state_sharding, repl), donate_argnums=(0,))
+                         out_shardings=(state_sharding, repl), donate_argnums=(0,), measure=True)
 
         def step(state, batch, rng):
             return jitted(state, batch, rng)
@@ -181,7 +183,7 @@ def make_jitted(fn: Callable, mesh: Mesh, state_sharding: Any, extra: Any = None
     else:
         extra = jax.device_put(extra, repl)
         jitted = xla.jit(fn, in_shardings=(state_sharding, data, repl, repl),
-                         out_shardings=(state_sharding, repl), donate_argnums=(0,))
+                         out_shardings=(state_sharding, repl), donate_argnums=(0,), measure=True)
 
         def step(state, batch, rng):
             return jitted(state, batch, rng, extra)
