@@ -19,8 +19,8 @@ compiles it with YNNPACK's default fusion set minus ``INDIVIDUAL_CONVOLUTION`` w
 convolution reaches ``CONV_ELEMENTS_XLA``. That rule was calibrated on the Intel machine; on a
 2-core AMD EPYC the d=32 VAE step at 128 px is faster with YNNPACK (1.04-1.07 s against 1.19 s),
 so no size rule fits every CPU. ``jit(..., measure=True)`` (the training steps) therefore times
-both programs at the first call of one that reaches the threshold and keeps the faster, measured
-once per machine and program (:mod:`fluxflow_jax.conv_choice`). The choice
+both programs at the first call of one that reaches the threshold and keeps YNNPACK's if it is
+clearly (``conv_choice.MARGIN``) faster, measured once per machine and program (:mod:`fluxflow_jax.conv_choice`). The choice
 holds for the jitted function's later calls (a training stage keeps its shapes; aspect buckets
 change them little), and it only ever changes speed, never the numbers beyond rounding.
 
@@ -273,7 +273,11 @@ class _Jit:
         how = "remembered"
         if record is None:
             xla_fn = jax.jit(self.__wrapped__, compiler_options=opts, **self._kwargs)
+            if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves((args, kwargs))):
+                return xla_fn  # ``lower`` from shapes cannot run them: the rule, undecided
             record, how = conv_choice.measure(xla_fn, self._default, args, kwargs), "measured"
+            if trim := _malloc_trim():  # the copies' pages: configure_cpu_host keeps freed heap
+                trim(0)
             conv_choice.remember(key, record, path)
         return self._fix(record["library"] == "XLA", {**record, "by": how, "file": path}, opts)
 
@@ -282,7 +286,7 @@ class _Jit:
 
     def lower(self, *args: Any, **kwargs: Any) -> Any:
         """The chosen program's lowering; with ``measure``, measuring first as a call would
-        (``args`` must then be arrays, not shapes)."""
+        (given shapes rather than arrays, the size rule's program, leaving the choice open)."""
         return self._choose(args, kwargs).lower(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
