@@ -11,9 +11,8 @@ above it are measured, and only when a caller asks (``xla.jit(..., measure=True)
 steps, which run thousands of times; one-off jits keep the rule, whose second compile would not be
 repaid).
 
-How: both programs are compiled and run alternately, twice each, on a copy of the array arguments
-(a donated argument is consumed by a call; the caller's arrays are never touched), a training
-step's new state feeding the next call;
+How: both programs are compiled and run alternately, twice each, on fresh copies of the array
+arguments (a donated argument is consumed by a call; the caller's arrays are never touched);
 YNNPACK wins when its faster call is ``MARGIN`` faster than XLA's, else the size rule's XLA stays. The measurement costs a second compilation and four calls, once per program
 and machine: the decision is kept in memory for the process and, when JAX's persistent
 compilation cache is a local folder (the entry points turn it on by default), in
@@ -135,45 +134,18 @@ def _fresh(tree: Any) -> Any:
     return jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, tree)
 
 
-def _avals(tree: Any) -> Any:
-    leaves, treedef = jax.tree.flatten(tree)
-    return treedef, [(getattr(x, "shape", None), getattr(x, "dtype", None)) for x in leaves]
-
-
-def _carried(args: tuple, out: Any) -> list[int]:
-    """Positions of the leading arguments that ``out`` (a tuple) returns in the same structure,
-    shapes and dtypes: a step's new state, which the next call can take in their place."""
-    if not isinstance(out, (tuple, list)):
-        return []
-    same = []
-    for i, (a, o) in enumerate(zip(args, out)):
-        if _avals(a) != _avals(o):
-            break
-        same.append(i)
-    return same
-
-
 def time_calls(fns: Sequence[Callable], args: tuple, kwargs: dict,
                rounds: int = ROUNDS) -> list[float]:
-    """The fastest of ``rounds`` calls of each of ``fns``, alternating, in seconds. Compile the
-    functions before: this times calls.
-
-    The first call gets copies of the array arguments; a later call takes the previous call's
-    outputs in place of the leading arguments they match (a training step's state: so one copy
-    of the state serves every call, instead of a copy per call that would land in the freed
-    temporaries of the one before and grow the heap by the other program's temporaries) and
-    fresh copies of the rest."""
+    """The fastest of ``rounds`` calls of each of ``fns``, alternating, in seconds; every call
+    gets fresh copies of the array arguments. Compile the functions before: this times calls."""
     best = [float("inf")] * len(fns)
-    carry: dict[int, Any] = {}
     for _ in range(rounds):
         for i, fn in enumerate(fns):
-            a, kw = _fresh(([x for j, x in enumerate(args) if j not in carry], kwargs))
-            a = [carry[j] if j in carry else a.pop(0) for j in range(len(args))]
+            a, kw = _fresh((args, kwargs))
             t0 = time.perf_counter()
-            out = jax.block_until_ready(fn(*a, **kw))
+            jax.block_until_ready(fn(*a, **kw))
             best[i] = min(best[i], time.perf_counter() - t0)
-            carry = {j: out[j] for j in _carried(args, out)}
-            del a, kw, out
+            del a, kw
     return best
 
 

@@ -251,10 +251,12 @@ class _Jit:
         self.uses_xla_convolutions: bool | None = None  # decided at the first call
         self.conv_decision: dict | None = None  # how: {"by": "size"|"measured"|"remembered", ...}
 
+    def _with_xla_convs(self, opts: dict | None) -> Any:
+        return jax.jit(self.__wrapped__, compiler_options=opts, **self._kwargs)
+
     def _fix(self, use_xla: bool, how: dict, opts: dict | None) -> Any:
         self.uses_xla_convolutions, self.conv_decision = use_xla, how
-        self._chosen = (jax.jit(self.__wrapped__, compiler_options=opts, **self._kwargs)
-                        if use_xla else self._default)
+        self._chosen = self._with_xla_convs(opts) if use_xla else self._default
         return self._chosen
 
     def _choose(self, args: tuple, kwargs: dict) -> Any:
@@ -272,13 +274,16 @@ class _Jit:
         record = conv_choice.recall(key, path)
         how = "remembered"
         if record is None:
-            xla_fn = jax.jit(self.__wrapped__, compiler_options=opts, **self._kwargs)
+            xla_fn = self._with_xla_convs(opts)
             if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves((args, kwargs))):
                 return xla_fn  # ``lower`` from shapes cannot run them: the rule, undecided
             record, how = conv_choice.measure(xla_fn, self._default, args, kwargs), "measured"
-            if trim := _malloc_trim():  # the copies' pages: configure_cpu_host keeps freed heap
-                trim(0)
             conv_choice.remember(key, record, path)
+            # The losing executable (a quarter GB for flow D=512) and the copies' pages, which
+            # configure_cpu_host's allocator settings would keep, go back.
+            (self._default if record["library"] == "XLA" else xla_fn).clear_cache()
+            if trim := _malloc_trim():
+                trim(0)
         return self._fix(record["library"] == "XLA", {**record, "by": how, "file": path}, opts)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
