@@ -279,9 +279,10 @@ class _Jit:
                 return xla_fn  # ``lower`` from shapes cannot run them: the rule, undecided
             record, how = conv_choice.measure(xla_fn, self._default, args, kwargs), "measured"
             conv_choice.remember(key, record, path)
-            # The losing executable (a quarter GB for flow D=512) and the copies' pages, which
-            # configure_cpu_host's allocator settings would keep, go back.
-            (self._default if record["library"] == "XLA" else xla_fn).clear_cache()
+            # The copies' pages go back (configure_cpu_host's allocator settings would keep
+            # them). The losing executable stays in jax's caches: ``clear_cache`` would free it
+            # (0.15-0.27 GB) but evicts the function's traces, so the winner compiles once more
+            # (benchmarks/README.md, "Measured per machine").
             if trim := _malloc_trim():
                 trim(0)
         return self._fix(record["library"] == "XLA", {**record, "by": how, "file": path}, opts)

@@ -88,8 +88,6 @@ def test_the_faster_library_is_the_one_compiled(store, monkeypatch, times, libra
     f = xla.jit(conv_grad(), measure=True)
     got = f(x, w)
     assert f.conv_decision["library"] == library and xla.convolution_library(f) == library
-    if library == "XLA":  # the losing program's executable is not kept
-        assert f._default._cache_size() == 0 and f._chosen._cache_size() == 1
     hlo = f.lower(x, w).compile().as_text()
     assert (ynn_conv_fusions(hlo) >= 2) if ynn_fusions else (ynn_conv_fusions(hlo) == 0)
     for a, b in zip(got, jax.jit(conv_grad())(x, w)):
