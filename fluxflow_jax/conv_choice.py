@@ -12,15 +12,16 @@ steps, which run thousands of times; one-off jits keep the rule, whose second co
 repaid).
 
 How: both programs are compiled and run alternately, twice each, on fresh copies of the array
-arguments (a donated argument is consumed by a call; the caller's arrays are never touched);
-YNNPACK wins when its faster call is ``MARGIN`` faster than XLA's, else the size rule's XLA stays. The measurement costs a second compilation and four calls, once per program
-and machine: the decision is kept in memory for the process and, when JAX's persistent
-compilation cache is a local folder (the entry points turn it on by default), in
-``DECISIONS_FILE`` there, keyed by this machine, jaxlib, ``XLA_FLAGS`` and the program's lowered
-text. So a restarted or resumed run compiles the same program as before, and its numbers stay
-bit-identical; with the cache off a restart measures again (the libraries differ only in
-rounding). While measuring, the process holds one more copy of the arguments and both programs'
-temporaries (the caller hands the freed pages back after: ``xla.jit``).
+arguments (a donated argument is consumed by a call; the caller's arrays are never touched); YNNPACK
+wins when its faster call is ``MARGIN`` faster than XLA's, else the size rule's XLA stays. The
+measurement costs a second compilation and four calls, once per program and machine
+(``benchmarks/README.md``, "Convolution library on CPU", has the costs): the decision is kept in
+memory for the process and, when JAX's persistent compilation cache is a local folder (the entry
+points turn it on by default), in ``DECISIONS_FILE`` there, keyed by this machine, jaxlib,
+``XLA_FLAGS`` and the program's lowered text. So a restarted or resumed run compiles the same
+program as before, and its numbers stay bit-identical; with the cache off a restart measures again
+(the libraries differ only in rounding). While measuring, the process holds one more copy of the
+arguments and both programs' temporaries (the caller hands the freed pages back after: ``xla.jit``).
 """
 from __future__ import annotations
 

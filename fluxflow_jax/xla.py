@@ -20,7 +20,8 @@ convolution reaches ``CONV_ELEMENTS_XLA``. That rule was calibrated on the Intel
 2-core AMD EPYC the d=32 VAE step at 128 px is faster with YNNPACK (1.04-1.07 s against 1.19 s),
 so no size rule fits every CPU. ``jit(..., measure=True)`` (the training steps) therefore times
 both programs at the first call of one that reaches the threshold and keeps YNNPACK's if it is
-clearly (``conv_choice.MARGIN``) faster, measured once per machine and program (:mod:`fluxflow_jax.conv_choice`). The choice
+clearly (``conv_choice.MARGIN``) faster, measured once per machine and program
+(:mod:`fluxflow_jax.conv_choice`). The choice
 holds for the jitted function's later calls (a training stage keeps its shapes; aspect buckets
 change them little), and it only ever changes speed, never the numbers beyond rounding.
 
@@ -282,7 +283,7 @@ class _Jit:
             # The copies' pages go back (configure_cpu_host's allocator settings would keep
             # them). The losing executable stays in jax's caches: ``clear_cache`` would free it
             # (0.15-0.27 GB) but evicts the function's traces, so the winner compiles once more
-            # (benchmarks/README.md, "Measured per machine").
+            # (benchmarks/README.md, "Convolution library on CPU").
             if trim := _malloc_trim():
                 trim(0)
         return self._fix(record["library"] == "XLA", {**record, "by": how, "file": path}, opts)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -134,14 +132,20 @@ def test_only_large_convolutions_of_one_process_under_measure_are_measured(store
     assert not store.exists()
 
 
-def test_decisions_live_beside_the_compilation_cache_and_key_on_program_and_machine():
-    """conftest points JAX's persistent cache at a session folder: the decisions go there. The
-    key changes with the program text and with ``XLA_FLAGS``."""
-    assert cc.decisions_path() == Path(os.environ["FLUXFLOW_JAX_TEST_CACHE"]) / DECISIONS_FILE
+def test_decisions_live_beside_the_compilation_cache_and_key_on_program_and_machine(tmp_path):
+    """The decisions go into JAX's persistent cache folder, wherever it is set (none for a
+    remote one); the key changes with the program text."""
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+        assert cc.decisions_path() == tmp_path / DECISIONS_FILE
+        jax.config.update("jax_compilation_cache_dir", "gs://bucket/cache")
+        assert cc.decisions_path() is None
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
     assert cc.program_key("a") == cc.program_key("a") != cc.program_key("b")
     machine = json.loads(cc.machine_id())
     assert int(machine["cpus"]) >= 1 and len(machine) >= 2
-
 
 
 def test_timing_runs_on_copies_and_leaves_the_callers_arrays():
