@@ -55,8 +55,9 @@ def bezier_curve(t: jax.Array, p0: jax.Array, p1: jax.Array, p2: jax.Array,
 @functools.partial(jax.checkpoint, static_argnums=(1, 2))
 def _bezier_grouped(x: jax.Array, t_pre: Optional[str], p_pre: Optional[str]) -> jax.Array:
     g = x.reshape(x.shape[:-1] + (x.shape[-1] // 5, 5))
+    c = [jnp.squeeze(a, -1) for a in jax.lax.split(g, (1,) * 5, axis=g.ndim - 1)]
     tf, pf = _pre(t_pre), _pre(p_pre)
-    return bezier_curve(tf(g[..., 0]), pf(g[..., 1]), pf(g[..., 2]), pf(g[..., 3]), pf(g[..., 4]))
+    return bezier_curve(tf(c[0]), pf(c[1]), pf(c[2]), pf(c[3]), pf(c[4]))
 
 
 def bezier_activation(x: jax.Array, t_pre: Optional[str] = "sigmoid",
@@ -70,6 +71,12 @@ def bezier_activation(x: jax.Array, t_pre: Optional[str] = "sigmoid",
     Autodiff would otherwise keep several ``[..., F]`` intermediates per site until the
     backward reaches it: on the VAE at d=64 / 128 px that is 1164 -> 940 MB of XLA's live
     memory per step at the same step time (``benchmarks/README.md``, "Peak memory").
+
+    The five stride-5 columns are taken with one ``lax.split``, whose gradient is one
+    concatenation. Five slices (``g[..., k]``) give the same values, but their gradient is five
+    zero-padded ``[..., F, 5]`` tensors summed, which XLA:CPU writes out one by one: a site's
+    forward + backward 18.2 -> 10.6 ms at the d=32 VAE's ``[2, 64, 64, 160]`` on 2 cores, with
+    less live memory ("Bezier columns" in ``benchmarks/README.md``).
     """
     c = x.shape[-1]
     if c % 5:
