@@ -73,10 +73,12 @@ def bezier_activation(x: jax.Array, t_pre: Optional[str] = "sigmoid",
     memory per step at the same step time (``benchmarks/README.md``, "Peak memory").
 
     The five stride-5 columns are taken with one ``lax.split``, whose gradient is one
-    concatenation. Five slices (``g[..., k]``) give the same values, but their gradient is five
-    zero-padded ``[..., F, 5]`` tensors summed, which XLA:CPU writes out one by one: a site's
-    forward + backward 18.2 -> 10.6 ms at the d=32 VAE's ``[2, 64, 64, 160]`` on 2 cores, with
-    less live memory ("Bezier columns" in ``benchmarks/README.md``).
+    concatenation. Five slices (``g[..., k]``) give the same values at the site, but their
+    gradient is five zero-padded ``[..., F, 5]`` tensors summed, which XLA:CPU writes out one
+    by one. A site's forward + backward went 18.2 -> 10.6 ms at the d=32 VAE's
+    ``[2, 64, 64, 160]`` on 2 cores, with less live memory; a whole step fuses differently
+    and agrees with the sliced form to rounding, not bit for bit ("Bezier columns" in
+    ``benchmarks/README.md``).
     """
     c = x.shape[-1]
     if c % 5:
