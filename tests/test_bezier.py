@@ -105,9 +105,9 @@ def test_bezier_backward_recomputes_from_its_input(pres):
 
 @pytest.mark.parametrize("pres", [("sigmoid", "silu"), ("sigmoid", None)])
 def test_bezier_input_gradient_is_autodiffs_bit_for_bit_and_differentiable_again(pres):
-    """The written-out backward stacks the five column gradients where autodiff sums five
-    zero-padded tensors: the same numbers exactly. Its backward is differentiable again (a
-    gradient of a gradient, as a gradient penalty would take), matching autodiff's."""
+    """The columns come from one split (gradient: one concatenation) where autodiff of five
+    slices sums five zero-padded tensors: the same input gradient exactly, at the site. A
+    gradient of a gradient (as a gradient penalty would take) matches too."""
     r = np.random.default_rng(1)
     x = jnp.asarray(r.standard_normal((2, 7, 40)), jnp.float32)
     ct = jnp.asarray(r.standard_normal((2, 7, 8)), jnp.float32)
@@ -116,6 +116,7 @@ def test_bezier_input_gradient_is_autodiffs_bit_for_bit_and_differentiable_again
         return jax.grad(lambda x: jnp.sum(act(x, *pres) * ct))
 
     np.testing.assert_array_equal(grad_of(bezier.bezier_activation)(x), grad_of(_plain_bezier)(x))
+
     def grad_norm_grad(act):
         return jax.grad(lambda x: jnp.sum(jnp.square(grad_of(act)(x))))(x)
 
