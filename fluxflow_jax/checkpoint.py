@@ -20,6 +20,9 @@ Why these choices:
 * Typed PRNG keys cannot be serialised; the loop stores ``jax.random.key_data(key)``. A typed key that
   reaches ``save`` anyway is stored as its key data, and re-wrapped on restore when the target leaf is
   a typed key, so either convention round-trips.
+* Replicated leaves smaller than ``MIN_REPLICA_SLICE_BYTES`` a replica are written whole by one
+  replica (``_write_small_replicated_leaves_whole``), not split across the replicas as orbax does
+  by default off GPUs: each split is an eager slice that compiles once per leaf shape.
 
 No pickle is involved anywhere: arrays go to tensorstore/zarr, the rest to JSON.
 """
@@ -34,6 +37,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 
 from fluxflow_jax.sharding import path_str
@@ -47,6 +51,34 @@ class CheckpointError(RuntimeError):
 
 class CheckpointMismatchError(ValueError):
     """The restore target does not fit the stored checkpoint; the message lists every leaf at fault."""
+
+
+# Orbax's replica-parallel save (its default except on GPUs) cuts every replicated array into one
+# slice per replica, so that replicas on several hosts share the write. Each cut is an eager jax
+# slice, compiled once per leaf shape: 344 compiles (11.7 s) in a 15-step run of the test-size
+# demo on 8 CPU devices, for leaves of a few KB whose whole write takes microseconds. Below this
+# size a slice, one replica writes the leaf whole; large leaves on a pod still share the write.
+MIN_REPLICA_SLICE_BYTES = 8 << 20
+
+
+def _write_small_replicated_leaves_whole() -> None:
+    """Registers orbax's ``jax.Array`` handler with ``MIN_REPLICA_SLICE_BYTES`` (once a process).
+
+    The new handler keeps the registered one's array-metadata store (orbax takes it as an argument
+    and exposes no public getter), so only the replica-parallel threshold changes.
+    """
+    current = ocp.type_handlers.get_type_handler(jax.Array)
+    if getattr(current, "_min_slice_bytes_for_replica_parallel", None) == MIN_REPLICA_SLICE_BYTES:
+        return
+    handler = ocp.type_handlers.ArrayHandler(
+        array_metadata_store=getattr(current, "_array_metadata_store", None),
+        min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES)
+    level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)  # orbax warns of every override; this one is ours
+    try:
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    finally:
+        absl_logging.set_verbosity(level)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -235,6 +267,7 @@ class Checkpointer:
         self.directory = Path(directory).expanduser().absolute()
         self.save_interval_steps = int(save_interval_steps or 0)
         self.save_interval_minutes = save_interval_minutes
+        _write_small_replicated_leaves_whole()
         self._options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             save_interval_steps=1,  # the interval decision is ours (steps and/or minutes)

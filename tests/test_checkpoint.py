@@ -244,13 +244,24 @@ RESHARD_SCRIPT = textwrap.dedent(
     assert devs.size == 8, devs
     save_mesh = Mesh(devs, ("fsdp",))
     w = jax.device_put(jnp.arange(64.0).reshape(16, 4), NamedSharding(save_mesh, P("fsdp", None)))
+    # Small leaves replicated on all 8 devices, each of another shape: the save writes each whole
+    # from one replica, with no per-shape slice to compile (orbax's default cuts them in 8).
+    reps = {f"r{i}": jax.device_put(np.full((8, i + 1), i, np.float32), NamedSharding(save_mesh, P()))
+            for i in range(6)}
+    b = jnp.ones(3)
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, secs, **kw: compiles.append(name)
+        if name == "/jax/core/compile/backend_compile_duration" else None)
     with Checkpointer(sys.argv[1]) as ckpt:
-        ckpt.save(5, {"w": w, "b": jnp.ones(3)}, {}, {}, force=True)
+        ckpt.save(5, {"w": w, "b": b, **reps}, {}, {}, force=True)
+    assert compiles == [], f"the save compiled {len(compiles)} programs"
     # restore onto another layout: a 2x4 mesh, w split over its columns, b without a given sharding
     mesh = Mesh(devs.reshape(2, 4), ("data", "model"))
     target = {
         "w": jax.ShapeDtypeStruct((16, 4), jnp.float32, sharding=NamedSharding(mesh, P(None, "model"))),
         "b": jax.ShapeDtypeStruct((3,), jnp.float32),
+        **{k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in reps.items()},
     }
     with Checkpointer(sys.argv[1]) as ckpt:
         state, _, _ = ckpt.restore(target)
@@ -258,12 +269,14 @@ RESHARD_SCRIPT = textwrap.dedent(
     assert state["w"].sharding.spec == P(None, "model")
     np.testing.assert_array_equal(np.asarray(state["w"]), np.arange(64.0).reshape(16, 4))
     assert state["b"].sharding.is_fully_replicated and len(state["b"].sharding.device_set) == 8
+    for k, v in reps.items():
+        np.testing.assert_array_equal(np.asarray(state[k]), np.asarray(v))
     print("RESHARD_OK")
     """
 )
 
 
-def test_restore_onto_a_different_sharding_layout(tmp_path):
+def test_restore_onto_a_different_sharding_layout_and_save_compiles_nothing(tmp_path):
     env = dict(
         os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8"
     )
