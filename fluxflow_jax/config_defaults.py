@@ -129,6 +129,8 @@ def base_config() -> mlc.ConfigDict:
     # Held-out metrics every interval_steps (0 = off) into the JSONL, TensorBoard and plots:
     # PSNR/SSIM beside the mean-image and background baselines, shapes colour/relation scores.
     c.eval = mlc.ConfigDict(dict(interval_steps=0, num_images=16, lpips_weights=""))
+    # W/graph/<stage>_*.png, redrawn at a checkpoint a minute or more after the last drawing,
+    # and always at a stage's end, a divergence and a forced save (train.PLOT_EVERY_S)
     c.plots = True
     c.tensorboard = True
     return c

@@ -47,6 +47,13 @@ from fluxflow_jax import steps as steps_lib
 from fluxflow_jax import workdir as wd
 from fluxflow_jax.models import registry
 
+# A stage's plots take ~0.25 s a figure (about 3 s a stage on 2 cores, mostly matplotlib's text
+# layout), and a short run's checkpoints come seconds apart: an interval checkpoint redraws them
+# only when the last drawing (or the stage's start) is this old. On a long run (checkpoints
+# minutes apart) every checkpoint still redraws; a forced save (signal, .stop / .checkpoint
+# file), a divergence and the stage's end always do.
+PLOT_EVERY_S = 60.0
+
 # ----------------------------------------------------------------------------------------------
 # Building a stage
 # ----------------------------------------------------------------------------------------------
@@ -296,7 +303,17 @@ def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | N
         if samples is not None:
             writer.images(offset + step, samples.make(shown(), step))
 
-    def save(force: bool, reason: str = "") -> bool:
+    plotted_at = [time.monotonic()]  # of this stage's last plots (or its start)
+
+    def draw_plots() -> None:  # W/graph/<stage>_*.png from the JSONL (process 0)
+        if jax.process_index() == 0 and config.plots:
+            plotted_at[0] = time.monotonic()
+            try:
+                plots.make_plots(workdir, name)
+            except Exception as e:  # plots must never stop training
+                print(f"[{name}] plotting failed: {e}", flush=True)
+
+    def save(force: bool, reason: str = "", plot: bool = True) -> bool:
         if not bool(_params_finite(state.params)):  # never write a non-finite state over a good one
             raise FloatingPointError(f"stage {name!r} step {step}: parameters are not finite; "
                                      "not saving over the last good checkpoint")
@@ -304,11 +321,8 @@ def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | N
                 "rng": np.asarray(jax.random.key_data(st.rng)).tolist(),
                 "plateau": plateau.state_dict()}
         did = checkpointer.save(step, state, st.loader.get_state(), meta, force=force)
-        if did and jax.process_index() == 0 and config.plots:
-            try:
-                plots.make_plots(workdir, name)
-            except Exception as e:  # plots must never stop training
-                print(f"[{name}] plotting failed: {e}", flush=True)
+        if did and plot and (force or time.monotonic() - plotted_at[0] >= PLOT_EVERY_S):
+            draw_plots()
         return did
 
     print(f"[{name}] stage {st.index + 1}/{len(config.stage_order)}: {st.total_steps} steps, "
@@ -414,17 +428,17 @@ def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | N
     writer.flush()
     if result.get("diverged"):
         print(f"\n[{name}] stopped: {result['reason']}", flush=True)
+        draw_plots()  # the curves up to the divergence
     elif not result.get("interrupted"):
         if controls.signal is not None:  # arrived after the last poll: finish, then stop the run
             result["stop_requested"] = True
-        save(True, stopped or "end of stage")
+        save(True, stopped or "end of stage", plot=False)  # drawn below, after the exports
         checkpointer.wait_until_finished()
         make_samples()
         weights.save_stage(workdir, name, st.models, state, carried)
         if lcfg is not None:
             lora_run.save_outputs(workdir, name, st.models, state, carried, lcfg)
-        if jax.process_index() == 0 and config.plots:
-            plots.make_plots(workdir, name)
+        draw_plots()
         if jax.process_count() > 1:  # the next stage reads what process 0 just wrote
             multihost_utils.sync_global_devices(f"fluxflow_jax stage {name} files written")
         result.update(step=step, stopped_early=stopped, nonfinite=int(state.nonfinite),

@@ -87,6 +87,8 @@ def test_divergence_stops_with_exit_3_and_keeps_the_last_good_checkpoint(tmp_pat
     ps = json.loads((wd / "pipeline_state.json").read_text())
     assert ps["finished"] == [] and ps["last_stop"]["diverged"]
     assert not (wd / "stages" / "vae_warmup").exists()  # nothing exported from a diverged stage
+    # the curves up to the divergence are drawn (interval checkpoints this close skip the plots)
+    assert (wd / "graph" / "vae_warmup_training_losses.png").read_bytes()[:4] == b"\x89PNG"
     steps = _ckpt_steps(wd, "vae_warmup")
     assert steps and steps[-1] < ps["last_stop"]["step"]
     restored = checkpoint.Checkpointer(wd / "checkpoints" / "vae_warmup", async_save=False)
