@@ -21,7 +21,10 @@ MARK = "MULTIDEVICE_RESULT "
 
 def test_sharded_steps_match_single_device():
     env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
+    # LLVM at -O0: compiling the eight steps is nearly all of this test's time, and -O0 takes
+    # ~15% off it; the single-device and sharded steps are compiled alike, so the comparison holds.
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+                        " --xla_backend_optimization_level=0")
     env["JAX_PLATFORMS"] = "cpu"
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve())], env=env,
                           capture_output=True, text=True, timeout=1500, check=False)
@@ -64,7 +67,7 @@ def _child() -> dict:
     r = np.random.default_rng(0)
     host_batch = {"image": images(8, 16), "input_ids": r.integers(1, 64, (8, 8)).astype(np.int32),
                   "attention_mask": np.ones((8, 8), np.int32)}
-    rng = jax.random.key(3)
+    rng = jax.random.key(3, impl="rbg")  # as the demo config: faster to compile than threefry
     cfg = loss_cfg(use_gan=True, adaptive_weights=True, ema_decay=0.9, train_text_encoder=True,
                    cfg_dropout_prob=0.25, r1_interval=1)
 
