@@ -21,9 +21,9 @@ convolution reaches ``CONV_ELEMENTS_XLA``. That rule was calibrated on the Intel
 so no size rule fits every CPU. ``jit(..., measure=True)`` (the training steps) therefore times
 both programs at the first call of one that reaches the threshold and keeps YNNPACK's if it is
 clearly (``conv_choice.MARGIN``) faster, measured once per machine and program
-(:mod:`fluxflow_jax.conv_choice`). The choice
-holds for the jitted function's later calls (a training stage keeps its shapes; aspect buckets
-change them little), and it only ever changes speed, never the numbers beyond rounding.
+(:mod:`fluxflow_jax.conv_choice`). The choice holds for the jitted function's later calls (a
+training stage keeps its shapes; aspect buckets change them little), and it only ever changes
+speed, never the numbers beyond rounding.
 
 The options are per compilation (``jax.jit(..., compiler_options=...)``), so nothing global
 changes for a program that imports this package, and they are part of the persistent
