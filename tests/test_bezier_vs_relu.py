@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 
 EXP = Path(__file__).resolve().parents[1] / "experiments" / "bezier_vs_relu"
+# One xdist worker for the module: the experiment fixture (~80 s) is module-scoped, and tests on
+# two workers each ran it once.
+pytestmark = pytest.mark.xdist_group("bezier_vs_relu")
 
 
 @pytest.fixture(scope="module")
