@@ -5,6 +5,26 @@ import json
 import shutil
 from pathlib import Path
 
+# LLVM at -O0 for every program the tests compile: in the pytest processes (conftest.py puts it
+# in XLA_FLAGS before JAX starts its backend) and in every command they start. Compiling is most
+# of the suite's time on 2 cores, and -O0 roughly halves it: the test-size demo (three stages)
+# took 166.5 s wall / 233.7 s CPU at the default level and 104.7 / 129.2 s at -O0 on a 2-core AMD
+# EPYC VM. The flag changes how XLA's element-wise loops are optimised, not what the programs
+# compute (convolutions and matmuls run in the same library kernels), and every run a test
+# compares with another - a restart, another topology, the cached stage - compiles alike.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+# ... except where a test checks rounding itself: at -O0 LLVM forms no fused multiply-adds, so
+# exp and friends round a little differently, and two programs that agree to the bit at the
+# default level (3, what a user's runs compile at) may not. Such a test jits with these options.
+USER_LEVEL = {"xla_backend_optimization_level": 3}
+
+
+def xla_flags(devices: int | None = None) -> str:
+    """``XLA_FLAGS`` for a command a test starts: the suite's flags, plus ``devices`` CPU devices
+    when given (the pytest process has one)."""
+    return TEST_XLA_FLAGS + (f" --xla_force_host_platform_device_count={devices}"
+                             if devices else "")
+
 
 def rewound_copy(src: Path, dst: Path, stage: str, step: int) -> Path:
     """A copy of a finished workdir as a preemption right after ``stage``'s checkpoint ``step``

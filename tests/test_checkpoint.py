@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from run_utils import xla_flags
 
 from fluxflow_jax.checkpoint import Checkpointer, CheckpointMismatchError
 
@@ -278,7 +279,7 @@ RESHARD_SCRIPT = textwrap.dedent(
 
 def test_restore_onto_a_different_sharding_layout_and_save_compiles_nothing(tmp_path):
     env = dict(
-        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8"
+        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(8)
     )
     proc = subprocess.run(
         [sys.executable, "-c", RESHARD_SCRIPT, str(tmp_path)],

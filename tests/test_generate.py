@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
+from run_utils import xla_flags
 from safetensors.numpy import save_file
 
 from fluxflow_jax import evaluate, grids
@@ -30,7 +31,7 @@ def _env():
     env.setdefault("JAX_PLATFORMS", "cpu")
     env["FLUXFLOW_JAX_CACHE"] = CACHE
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = xla_flags()  # one device, the suite's flags
     return env
 
 

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
+from run_utils import xla_flags
 from safetensors import safe_open
 
 from fluxflow_jax import interop, lora_io
@@ -29,7 +30,7 @@ def _env():
     env.setdefault("JAX_PLATFORMS", "cpu")
     env["FLUXFLOW_JAX_CACHE"] = CACHE  # the second run and generate reuse compiled executables
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = xla_flags()  # one device, the suite's flags
     return env
 
 

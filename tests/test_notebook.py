@@ -7,6 +7,7 @@ from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
+from run_utils import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 # Two short stages (VAE warm-up, then flow on it): every kind of plot and sample grid, cheaply.
@@ -31,7 +32,7 @@ def test_colab_notebook_trains_shows_plots_and_generates(tmp_path, monkeypatch):
                                          if p)}
     for k, v in env.items():
         monkeypatch.setenv(k, v)  # the kernel and the training subprocess inherit these
-    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", xla_flags())  # one device, the suite's flags
     if os.environ.get("FLUXFLOW_JAX_TEST_CACHE"):
         monkeypatch.setenv("FLUXFLOW_JAX_CACHE", os.environ["FLUXFLOW_JAX_TEST_CACHE"])
     nb = nbformat.read(ROOT / "launch" / "colab.ipynb", as_version=4)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from run_utils import xla_flags
 from safetensors.numpy import load_file
 from tensorboardX.proto import event_pb2
 
@@ -38,7 +39,7 @@ def _env():
     env.setdefault("JAX_PLATFORMS", "cpu")
     env["PYTHONUNBUFFERED"] = "1"
     env["FLUXFLOW_JAX_CACHE"] = CACHE
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = xla_flags()  # one device, the suite's flags
     return env
 
 

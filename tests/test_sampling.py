@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
+from run_utils import xla_flags
 from safetensors.numpy import load_file
 
 from fluxflow_jax import data as data_lib
@@ -286,7 +287,7 @@ def test_generator_splits_the_batch_over_the_data_mesh():
     import os
     import subprocess
     import sys
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8),
            "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
     p = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], env=env, capture_output=True,
                        text=True, timeout=900)

@@ -16,15 +16,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from run_utils import xla_flags  # the tests' folder is on the path, as a script too
+
 MARK = "MULTIDEVICE_RESULT "
 
 
 def test_sharded_steps_match_single_device():
-    env = dict(os.environ)
-    # LLVM at -O0: compiling the eight steps is nearly all of this test's time, and -O0 takes
-    # ~15% off it; the single-device and sharded steps are compiled alike, so the comparison holds.
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-                        " --xla_backend_optimization_level=0")
+    # the suite's flags (LLVM at -O0): the single-device and sharded steps compile alike
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8))
     env["JAX_PLATFORMS"] = "cpu"
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve())], env=env,
                           capture_output=True, text=True, timeout=1500, check=False)

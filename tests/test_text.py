@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
+from run_utils import USER_LEVEL
 from safetensors.numpy import save_file
 
 from fluxflow_jax.interop.common import InteropError, count_params
@@ -193,7 +194,7 @@ def test_frozen_backbone_gets_zero_gradients():
     def grads(freeze):
         model = BertTextEncoder(**TINY, freeze_backbone=freeze)
         loss = lambda p: jnp.sum(model.apply({"params": p}, ids, mask) ** 2)
-        return jax.jit(jax.grad(loss))(variables["params"])
+        return jax.jit(jax.grad(loss), compiler_options=USER_LEVEL)(variables["params"])
 
     frozen, free = grads(True), grads(False)
     assert all(not np.any(g) for g in _flat(frozen["language_model"]).values())

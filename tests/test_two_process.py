@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from run_utils import rewound_copy
+from run_utils import rewound_copy, xla_flags
 from safetensors.numpy import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,9 +41,7 @@ def _num(v):
 def _env(devices, **extra):
     env = dict(os.environ)
     env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", FLUXFLOW_JAX_CACHE=CACHE,
-               # LLVM at -O0: compilation is most of these runs' time; every run compiles alike.
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
-                         "--xla_backend_optimization_level=0", **extra)
+               XLA_FLAGS=xla_flags(devices), **extra)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS"):
         env.pop(k, None)

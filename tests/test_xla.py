@@ -5,6 +5,7 @@ with whichever library it measures faster (tests/test_conv_choice.py), with the 
 smaller ones keep YNNPACK; a user's own ``XLA_FLAGS`` setting wins; nothing is passed off CPU."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import run_utils
 from test_steps import (  # noqa: F401 - ``world`` is a fixture
     B, L, MODEL_CFG, RNG, adam, images, loss_cfg, partitioned, world)
 
@@ -112,16 +114,25 @@ def test_training_step_chooses_by_its_largest_convolution(world, monkeypatch):  
     assert xla.convolution_choice(small.jitted) == "YNNPACK"
 
 
-def test_init_compiles_at_o1_with_the_same_parameters():
+def test_init_compiles_at_o1_with_the_same_parameters(monkeypatch, request):
     """``registry.init_params`` runs through ``xla.jit_once`` (LLVM -O1 on CPU: about half the
     init's compile time); every model's parameters and the spectral state equal a plain
     ``jax.jit`` of the same init to the last bit or, in a few leaves (the spectral-norm vectors:
     a norm summed in another order), to a few rounding steps."""
+    # The suite sets the level in XLA_FLAGS (run_utils.TEST_XLA_FLAGS), which turns -O1 off as a
+    # user's own setting does; here the user has set none.
+    assert xla.once_options() is None
+    flags = os.environ["XLA_FLAGS"].replace(run_utils.TEST_XLA_FLAGS, "")
+    monkeypatch.setenv("XLA_FLAGS", flags)
+    xla.once_options.cache_clear()
+    request.addfinalizer(xla.once_options.cache_clear)  # later tests read the suite's flags
     assert xla.once_options() == xla.ONCE_OPTIONS
     models = registry.build_models(MODEL_CFG, set(registry.MODEL_NAMES))
     key = jax.random.key(3)
     ours = registry.init_params(models, key, (16, 16), L)
-    plain = registry.init_params(models, key, (16, 16), L, jit=jax.jit)
+    # the plain jit at XLA's default level (3), as a user without flags compiles it
+    default = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 3})
+    plain = registry.init_params(models, key, (16, 16), L, jit=default)
     la, ta = jax.tree_util.tree_flatten(ours)
     lb, tb = jax.tree_util.tree_flatten(plain)
     assert ta == tb and len(la) > 100
