@@ -119,10 +119,10 @@ def test_init_compiles_at_o1_with_the_same_parameters(monkeypatch, request):
     init's compile time); every model's parameters and the spectral state equal a plain
     ``jax.jit`` of the same init to the last bit or, in a few leaves (the spectral-norm vectors:
     a norm summed in another order), to a few rounding steps."""
-    # The suite sets the level in XLA_FLAGS (run_utils.TEST_XLA_FLAGS), which turns -O1 off as a
-    # user's own setting does; here the user has set none.
+    # The suite (run_utils.TEST_XLA_FLAGS) or the developer sets the level in XLA_FLAGS, which
+    # turns -O1 off as a user's own setting does; here the user has set none.
     assert xla.once_options() is None
-    flags = os.environ["XLA_FLAGS"].replace(run_utils.TEST_XLA_FLAGS, "")
+    flags = re.sub(r"--xla_backend_optimization_level=\S*", "", os.environ["XLA_FLAGS"])
     monkeypatch.setenv("XLA_FLAGS", flags)
     xla.once_options.cache_clear()
     request.addfinalizer(xla.once_options.cache_clear)  # later tests read the suite's flags
@@ -130,8 +130,8 @@ def test_init_compiles_at_o1_with_the_same_parameters(monkeypatch, request):
     models = registry.build_models(MODEL_CFG, set(registry.MODEL_NAMES))
     key = jax.random.key(3)
     ours = registry.init_params(models, key, (16, 16), L)
-    # the plain jit at XLA's default level (3), as a user without flags compiles it
-    default = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 3})
+    # the plain jit at XLA's default level, as a user without flags compiles it
+    default = functools.partial(jax.jit, compiler_options=run_utils.USER_LEVEL)
     plain = registry.init_params(models, key, (16, 16), L, jit=default)
     la, ta = jax.tree_util.tree_flatten(ours)
     lb, tb = jax.tree_util.tree_flatten(plain)
