@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -24,6 +25,13 @@ def xla_flags(devices: int | None = None) -> str:
     when given (the pytest process has one)."""
     return TEST_XLA_FLAGS + (f" --xla_force_host_platform_device_count={devices}"
                              if devices else "")
+
+
+def compile_cache() -> str:
+    """The session's persistent compilation cache (conftest.py makes it, shares it with xdist's
+    workers and removes it at the end), for the commands the tests start (``FLUXFLOW_JAX_CACHE``):
+    a restart reuses its first run's executables, so bit-identical comparisons hold across it."""
+    return os.environ["FLUXFLOW_JAX_TEST_CACHE"]
 
 
 def rewound_copy(src: Path, dst: Path, stage: str, step: int) -> Path:

@@ -7,14 +7,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 from PIL import Image
-from run_utils import xla_flags
+from run_utils import compile_cache, xla_flags
 from safetensors.numpy import save_file
 
 from fluxflow_jax import evaluate, grids
@@ -22,7 +21,7 @@ from fluxflow_jax.data import shapes
 from fluxflow_jax.lpips import init_lpips
 
 ROOT = Path(__file__).resolve().parents[1]
-CACHE = os.environ.get("FLUXFLOW_JAX_TEST_CACHE") or tempfile.mkdtemp(prefix="fluxflow_jax_test_xla_")
+CACHE = compile_cache()
 pytestmark = pytest.mark.xdist_group("generate")
 
 

@@ -8,20 +8,19 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 from PIL import Image
-from run_utils import xla_flags
+from run_utils import compile_cache, xla_flags
 from safetensors import safe_open
 
 from fluxflow_jax import interop, lora_io
 
 ROOT = Path(__file__).resolve().parents[1]
-CACHE = os.environ.get("FLUXFLOW_JAX_TEST_CACHE") or tempfile.mkdtemp(prefix="fluxflow_jax_test_xla_")
+CACHE = compile_cache()
 pytestmark = pytest.mark.xdist_group("lora_e2e")
 
 

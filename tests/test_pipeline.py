@@ -10,13 +10,12 @@ import signal
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from run_utils import xla_flags
+from run_utils import compile_cache, xla_flags
 from safetensors.numpy import load_file
 from tensorboardX.proto import event_pb2
 
@@ -30,8 +29,7 @@ DEMO = "configs/demo.py:test"
 pytestmark = pytest.mark.xdist_group("pipeline")
 # One compilation cache for this module's runs: the first run compiles, the restarts reuse it
 # (the same executables, so the bit-identical comparisons also hold across the cache).
-CACHE = (os.environ.get("FLUXFLOW_JAX_TEST_CACHE")
-         or tempfile.mkdtemp(prefix="fluxflow_jax_test_xla_"))
+CACHE = compile_cache()
 
 
 def _env():

@@ -15,16 +15,15 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from run_utils import rewound_copy, xla_flags
+from run_utils import compile_cache, rewound_copy, xla_flags
 from safetensors.numpy import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-CACHE = os.environ.get("FLUXFLOW_JAX_TEST_CACHE") or tempfile.mkdtemp(prefix="fluxflow_jax_2p_")
+CACHE = compile_cache()
 ARGS = ["--config=configs/demo.py:test", "--config.batch_size=8",
         "--config.stage_order=('vae_warmup','flow')", "--config.stages.vae_warmup.steps=4",
         "--config.stages.flow.steps=11", "--config.checkpoint.interval_steps=4",
