@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from fluxflow_jax.models.layers import Dtype, _bias_init, _kernel_init
+from fluxflow_jax.models.layers import Dtype, _bias_init, _kernel_init, conv_stride1
 
 SN_EPS = 1e-12
 LRELU_SLOPE = 0.2
@@ -115,9 +115,8 @@ class SNConv(nn.Module):
         w_mat = kernel.transpose(3, 2, 0, 1).reshape(self.features, -1)
         p = self.padding
 
-        def conv(a, w):
-            return jax.lax.conv_general_dilated(a, w, (1, 1), ((p, p), (p, p)),
-                                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        def conv(a, w):  # gradients in library layouts, also inside the R1 lax.cond
+            return conv_stride1(a, w, (p, p))
         return _sn_apply(conv, x, kernel, spectral_sigma(self, w_mat, train, passes), bias,
                          self.dtype or x.dtype)
 
