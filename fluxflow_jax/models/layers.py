@@ -104,7 +104,7 @@ def _conv_stride1_bwd(padding, res, g):
     # dW[i, j, c, o] = sum_{b, y, x} x_pad[b, y+i, x+j, c] g[b, y, x, o]: a convolution with the
     # channels as batch, the batch as feature and g as a Ho x Wo kernel.
     dk = conv_stride1(x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), padding)
-    return dx, dk.transpose(1, 2, 0, 3).astype(kernel.dtype)
+    return dx, dk.transpose(1, 2, 0, 3)
 
 
 conv_stride1.defvjp(_conv_stride1_fwd, _conv_stride1_bwd)
