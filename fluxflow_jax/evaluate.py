@@ -315,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--json", help="output JSON (default W/eval/<stage>.json)")
     args = ap.parse_args(argv)
     xla.configure_cpu_host()
-    loading.enable_compilation_cache()
+    xla.enable_compilation_cache()
     try:
         if args.num < 1:
             raise loading.UserError(f"--num must be >= 1, got {args.num}")

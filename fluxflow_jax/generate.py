@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     xla.configure_cpu_host()
-    loading.enable_compilation_cache()
+    xla.enable_compilation_cache()
     try:
         if args.mode in ("generate", "reconstruct", "decode"):
             _need(args.out, "--out")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -62,16 +61,6 @@ class Loaded:
         if not self.run_config or not self.stage:
             return {}
         return dict(self.run_config["stages"].get(self.stage, {}))
-
-
-def enable_compilation_cache(path: str | None = None) -> None:
-    """Persist compiled executables (``FLUXFLOW_JAX_CACHE`` or ~/.cache/fluxflow_jax/xla, as
-    training does): a second generate/evaluate call on the same model skips XLA compilation."""
-    path = path if path is not None else os.environ.get("FLUXFLOW_JAX_CACHE",
-                                                        "~/.cache/fluxflow_jax/xla")
-    if path and path.lower() != "none":
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def read_run_config(workdir: Path) -> dict:

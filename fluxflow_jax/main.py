@@ -66,7 +66,7 @@ flags.DEFINE_integer("distributed_timeout", 300,
 flags.DEFINE_bool("validate", False, "Print the stage plan and exit without training.")
 flags.DEFINE_bool("verbose", False, "Show tracebacks for user errors too (config, data, files).")
 flags.DEFINE_string("compilation_cache",
-                    os.environ.get("FLUXFLOW_JAX_CACHE", "~/.cache/fluxflow_jax/xla"),
+                    xla.cache_path(),
                     "Persistent XLA compilation cache directory ('' or 'none' disables it). "
                     "A restarted or repeated run skips recompiling its step functions.")
 
@@ -191,15 +191,6 @@ def warm_cpu_collectives() -> None:
     multihost_utils.sync_global_devices("fluxflow_jax: collectives ready")
 
 
-def enable_compilation_cache(path: str) -> None:
-    """Persist compiled executables across processes (same HLO -> same executable, so resumed
-    runs stay bit-identical; a preempted job restarts in seconds instead of recompiling)."""
-    if not path or path.lower() == "none":
-        return
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
 def main(argv) -> int:
     """Validate, print the plan or train; the exit code says how the run ended (see --help)."""
     if len(argv) > 1:
@@ -222,7 +213,7 @@ def _main(controls: controls_lib.StopControls | None) -> int:
         return pipeline.EXIT_USER_ERROR
     logging.info("CPU host runtime: %s", xla.configure_cpu_host())
     warm_cpu_collectives()
-    enable_compilation_cache(FLAGS.compilation_cache)
+    xla.enable_compilation_cache(FLAGS.compilation_cache)
     config = FLAGS.config
     if config is None:
         raise app.UsageError("--config is required (e.g. --config=configs/demo.py)")

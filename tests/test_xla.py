@@ -134,6 +134,30 @@ def test_disc_step_with_r1_compiles_every_discriminator_convolution_in_the_libra
     assert set(conv_labels("\n".join(convs))) == {CANONICAL}
 
 
+def test_compilation_cache_folder_threshold_and_jax_env_override(monkeypatch, tmp_path):
+    """The entry points' cache: ``$FLUXFLOW_JAX_CACHE`` or the given folder, programs that
+    compile in ``CACHE_MIN_COMPILE_S`` or more; JAX's own threshold variable, when the user set
+    it (JAX reads it at import), is left as it is; ``'none'`` leaves the cache alone."""
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    before = {n: getattr(jax.config, n) for n in names}
+    try:
+        monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)
+        monkeypatch.setenv(xla.CACHE_ENV, str(tmp_path / "env"))
+        xla.enable_compilation_cache()
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "env")
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == xla.CACHE_MIN_COMPILE_S
+        monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "7")
+        jax.config.update(names[1], 7.0)  # what JAX made of it at import
+        xla.enable_compilation_cache(str(tmp_path / "given"))
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "given")
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 7.0
+        xla.enable_compilation_cache("none")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "given")
+    finally:
+        for n, v in before.items():
+            jax.config.update(n, v)
+
+
 def test_init_compiles_at_o1_with_the_same_parameters(monkeypatch, request):
     """``registry.init_params`` runs through ``xla.jit_once`` (LLVM -O1 on CPU: about half the
     init's compile time); every model's parameters and the spectral state equal a plain

@@ -29,7 +29,7 @@ import numpy as np
 import variants as V
 
 from fluxflow_jax import data as data_lib
-from fluxflow_jax import loading, pipeline, sharding, train, weights, xla
+from fluxflow_jax import pipeline, sharding, train, weights, xla
 from fluxflow_jax import metrics as metrics_lib
 from fluxflow_jax import workdir as wd
 
@@ -123,7 +123,7 @@ def parse_args(argv):
 def main(argv=None) -> int:
     a = parse_args(argv)
     xla.configure_cpu_host()  # as python -m fluxflow_jax.main does, before JAX starts
-    loading.enable_compilation_cache(a.compilation_cache)
+    xla.enable_compilation_cache(a.compilation_cache)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     the_plan = V.plan(a.size, a.variants)
