@@ -15,6 +15,12 @@ from run_utils import TEST_XLA_FLAGS  # noqa: E402
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
+# The commands the tests start store every program in the session's compilation cache, not only
+# those that compile in over xla.CACHE_MIN_COMPILE_S: most of their compilations are eval,
+# sampling and small helper programs that the next command compiles again (tests/test_lora_e2e.py,
+# 8 commands: 111.8 -> 104.2 s wall). The pytest processes keep JAX's 1 s (pytest_configure).
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
 # One persistent XLA compilation cache for the whole test session (both xdist workers and the
 # subprocesses they start): the same tiny models are compiled by several test files. xdist's
 # controller hands its folder to the workers (they do not inherit its environment); the process
