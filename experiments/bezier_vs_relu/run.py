@@ -29,8 +29,8 @@ import numpy as np
 import variants as V
 
 from fluxflow_jax import data as data_lib
-from fluxflow_jax import pipeline, sharding, train, weights, xla
 from fluxflow_jax import metrics as metrics_lib
+from fluxflow_jax import pipeline, sharding, train, weights, xla
 from fluxflow_jax import workdir as wd
 
 
