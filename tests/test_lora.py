@@ -150,6 +150,29 @@ def test_lora_step_trains_adapters_only_and_dop_every_n(lora_step):
     assert rows[2]["train/grad_norm_lora"] > 0 and "train/grad_norm_flow" not in rows[2]
 
 
+def test_dop_branch_compiles_the_flow_heads_convolutions_in_the_library_layout(lora_step):
+    """The DoP term runs inside a ``lax.cond``, where XLA:CPU compiles a convolution outside its
+    canonical layout as a plain loop (benchmarks/README.md, "Convolutions inside lax.cond").
+    Before ``layers.Conv`` wrote its stride-1 gradients canonically, the input gradients of the
+    flow head's 5x5, 3x3 and 7x7 convolutions were 3 such loops in the DoP branch
+    (``b01f_01oi->b01f``; ``benchmarks/lora_dop.py`` at D=128 and 256 tokens: 442-453 -> 301-321
+    ms a step)."""
+    from test_discriminator import CANONICAL, conv_labels
+
+    _, _, st, sh, step, batch = lora_step
+    # An 8 x 8 latent grid: on the fixture's 4 x 4 one XLA itself turns the head's convolutions
+    # around (the input is smaller than the 5x5 and 7x7 kernels), in the entry computation too.
+    r = np.random.default_rng(3)
+    hw = np.zeros((B, 1, 8), np.float32)
+    hw[:, 0, :2] = 8
+    batch = {**batch, "latent": jnp.asarray(np.concatenate(
+        [r.normal(size=(B, 64, 8)).astype(np.float32), hw], 1))}
+    hlo = step.lower(jax.device_put(st, sh), batch, jax.random.key(0)).compile().as_text()
+    in_cond = [ln for ln in hlo.splitlines() if " convolution(" in ln and "cond/branch" in ln]
+    assert len(in_cond) == 9  # the head's 3 forwards on the class prompt, twice, and 3 dx
+    assert set(conv_labels(hlo)) == {CANONICAL}
+
+
 def test_lora_adapter_file_round_trip(world, tmp_path):
     _, params, _ = world
     ad = _random_adapters(params["flow"], "all", rank=3)

@@ -111,7 +111,12 @@ conv_stride1.defvjp(_conv_stride1_fwd, _conv_stride1_bwd)
 
 
 class Conv(nn.Module):
-    """2-D convolution on NHWC with symmetric integer padding, as ``torch.nn.Conv2d``."""
+    """2-D convolution on NHWC with symmetric integer padding, as ``torch.nn.Conv2d``.
+
+    Stride 1 without dilation goes through ``conv_stride1``, whose gradients are in XLA:CPU's
+    library layout also inside a ``lax.cond`` (the flow head's convolutions under the LoRA DoP
+    term: ``benchmarks/lora_dop.py``); the same sums, which
+    ``tests/test_discriminator.py`` compares with ``lax.conv_general_dilated`` to the bit."""
 
     features: int
     kernel_size: Union[int, Sequence[int]] = 3
@@ -132,10 +137,13 @@ class Conv(nn.Module):
                             (kh, kw, cin, self.features), jnp.float32)
         dtype = self.dtype or x.dtype
         ph, pw = _pair(self.padding)
-        y = jax.lax.conv_general_dilated(
-            x.astype(dtype), kernel.astype(dtype), window_strides=_pair(self.strides),
-            padding=((ph, ph), (pw, pw)), rhs_dilation=_pair(self.dilation),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        strides, dilation = _pair(self.strides), _pair(self.dilation)
+        if strides == (1, 1) and dilation == (1, 1):
+            y = conv_stride1(x.astype(dtype), kernel.astype(dtype), (ph, pw))
+        else:
+            y = jax.lax.conv_general_dilated(
+                x.astype(dtype), kernel.astype(dtype), window_strides=strides,
+                padding=((ph, ph), (pw, pw)), rhs_dilation=dilation, dimension_numbers=_NHWC)
         if self.use_bias:
             bias = self.param("bias", _bias_init(self.init, fan_in), (self.features,), jnp.float32)
             y = y + bias.astype(dtype)
