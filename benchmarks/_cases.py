@@ -73,12 +73,22 @@ CASES: dict[str, dict] = {
                     "config": {**_flow(128, 4, 8, 2)["config"]}},
     "flow_iter": {"kind": "flow_iter", "tokens": (16, 16), "batch": 2, "text_len": 128,
                   "config": {**_flow(128, 10, 16, 2)["config"]}},
+    # Phase 1 sizes on a GPU (issue 11, item 4): its VAE at its 512 px and at 1024 px (with
+    # activation checkpointing on both sides), its flow and the D=512 one at 512 px (T=1024) with
+    # batch 8, and its discriminator at 512 px.
+    "vae128_512": _vae(128, 4, 4, 8, 512, 2),
+    "vae128_1024_remat": _vae(128, 4, 4, 8, 1024, 2, remat=True),
+    "flow_b8": _flow(128, 10, 32, 8),
+    "flow512_b8": _flow(512, 10, 32, 8),
+    "disc64_512": _disc(64, 4, 512, 2),
 }
 SUITES = {
     "small": ["vae16", "vae32", "flow_s", "flow", "disc", "text_s", "vae_gan16", "flow_iter_s"],
     "full": ["vae16", "vae32", "vae32_128", "vae64_128", "vae128_256", "flow_s", "flow",
              "flow512", "flow1024", "disc", "disc64", "text", "vae_gan16", "vae_gan32_128",
              "flow_iter"],
+    # fastest first: a run cut short by the device's time limit still has the flow rows
+    "gpu": ["flow_b8", "flow512_b8", "disc64_512", "vae128_512", "vae128_1024_remat"],
 }
 # Kinds whose reference graph has a ConvTranspose2d (the expander): only these differ between
 # the reference as shipped and with the layout fix.

@@ -2,6 +2,8 @@
 step, process peak RSS, and the results table (stdout and ``benchmarks/README.md``)."""
 from __future__ import annotations
 
+import json
+import platform
 import resource
 import time
 from pathlib import Path
@@ -44,6 +46,24 @@ def compiled_stats(compiled) -> dict:
         mem = (ma.temp_size_in_bytes + ma.argument_size_in_bytes + ma.output_size_in_bytes
                - ma.alias_size_in_bytes)
     return {"flops": flops, "mem_bytes": int(mem)}
+
+
+# Dense tensor-core peaks from NVIDIA's datasheets (TFLOP/s, without sparsity): fp32 rows run as
+# TF32 on both sides (--device gpu), so TF32 is their peak. The MFU columns divide by these; the
+# '% peak' columns by the matmul this run measured. Longest name first: 'H100 PCIe' is not SXM.
+DATASHEET_TFLOPS = {"H100 PCIe": {"float32": 378.0, "bfloat16": 756.0},
+                    "H100": {"float32": 494.7, "bfloat16": 989.4},
+                    "H200": {"float32": 494.7, "bfloat16": 989.4},
+                    "A100": {"float32": 156.0, "bfloat16": 312.0}}
+
+
+def datasheet_tflops(device_kind: str, dtype: str) -> float | None:
+    """The datasheet peak of the GPU named ``device_kind`` (``jax.Device.device_kind``) in
+    ``dtype``, or None for a device not in :data:`DATASHEET_TFLOPS` (every CPU)."""
+    for name in sorted(DATASHEET_TFLOPS, key=len, reverse=True):
+        if name in device_kind:
+            return DATASHEET_TFLOPS[name][dtype]
+    return None
 
 
 def peak_rss() -> int:
@@ -92,6 +112,8 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
     out = []
     step_rss = any("ours_step_rss_mb" in x for x in rows)
     floor = any("floor_ms" in x for x in rows)
+    dev = any("ours_dev_mb" in x for x in rows)
+    mfu = any("ours_mfu" in x for x in rows)
     for r in rows:
         gf = r["flops"] / 1e9
         out.append([r["size"], r["dtype"].replace("float32", "fp32").replace("bfloat16", "bf16"),
@@ -104,6 +126,12 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
         if step_rss:
             o, f = r.get("ours_step_rss_mb"), r.get("ref_step_rss_mb")
             out[-1].append(f"{o:.0f} / {f:.0f} ({fmt_ratio(o, f)})" if o and f else "-")
+        if dev:
+            o, f = r.get("ours_dev_mb"), r.get("ref_dev_mb")
+            out[-1].append(f"{o:.0f} / {f:.0f} ({fmt_ratio(o, f)})" if o and f else "-")
+        if mfu:
+            out[-1].append(f"{r['ours_mfu']:.1f}% / {r['ref_mfu']:.1f}%" if "ours_mfu" in r
+                           else "-")
         if floor:
             has = "floor_ms" in r
             out[-1] += [fmt_ms(r["floor_ms"]) if has else "-",
@@ -127,9 +155,17 @@ FLOOR_HEADER = ["kernel floor", "floor/ours", "ref/floor"]
 STEP_RSS_HEADER = ["RSS in steps MB ours / ref"]
 
 
+# --device gpu: the device's allocated bytes at their peak (JAX's peak_bytes_in_use, torch's
+# max_memory_allocated over the timed iterations), and MFU against the datasheet peak.
+DEVICE_HEADER = ["device MB ours / ref"]
+MFU_HEADER = ["MFU ours / ref"]
+
+
 def header(rows: list[dict]) -> list[str]:
-    return (HEADER + (STEP_RSS_HEADER if any("ours_step_rss_mb" in r for r in rows) else [])
-            + (FLOOR_HEADER if any("floor_ms" in r for r in rows) else []))
+    has = lambda k: any(k in r for r in rows)
+    return (HEADER + (STEP_RSS_HEADER if has("ours_step_rss_mb") else [])
+            + (DEVICE_HEADER if has("ours_dev_mb") else []) + (MFU_HEADER if has("ours_mfu") else [])
+            + (FLOOR_HEADER if has("floor_ms") else []))
 
 
 def print_table(rows: list[dict]) -> None:
@@ -163,3 +199,21 @@ def write_readme(path: Path, rows: list[dict], meta: dict) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text)
+
+
+def write_partial(out: Path, rows: list[dict], failed: list[dict]) -> None:
+    """The rows so far, to ``OUT.partial``: a run killed by a time limit (a lent GPU's) keeps
+    the cases it finished."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(str(out) + ".partial").write_text(json.dumps({"results": rows, "failed": failed}))
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), for the table's machine line."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"

@@ -14,7 +14,8 @@ Modes (``spec['mode']``):
   weights ``vs_reference.py`` exported from fluxflow_jax (strict key check: same architecture,
   same numbers), and time ``warmup + steps`` iterations (per part: zero_grad, forward, loss,
   backward, Adam step) on NCHW contiguous inputs; ``dtype='bfloat16'`` runs forward + loss
-  under CPU autocast; ``ref_variant='fixed'`` applies :func:`layout_fix` (``'shipped'``: the
+  under autocast; ``device`` (``'cpu'``, ``'cuda'``) is where it runs, with ``tf32`` for fp32
+  on a GPU; ``ref_variant='fixed'`` applies :func:`layout_fix` (``'shipped'``: the
   reference as it is). Writes ``{"times_s": [...], "loss0", "n_params", "peak_rss"}``.
 * ``train_vae``: the reference's own ``VAETrainer.train_step`` (reconstruction + KL with adaptive
   weights and the colour/histogram/contrast regularisers, no GAN, no LPIPS, grad clipping) on a
@@ -103,6 +104,7 @@ def build(spec: dict) -> tuple[dict, list]:
     iteration (``vs_reference`` / ``_cases`` describe each kind); ``loss_fn()`` runs forward +
     loss."""
     kind, cfg, ckpt = spec["kind"], spec["config"], bool(spec.get("grad_ckpt", False))
+    dev = torch.device(spec.get("device", "cpu"))
     inputs = load_file(spec["inputs"])
     weights = spec["weights"]
     m: dict = {}
@@ -129,10 +131,11 @@ def build(spec: dict) -> tuple[dict, list]:
         m["text"] = BertTextEncoder(embed_dim=cfg["embedding"])
     for name, mod in m.items():
         load_weights(mod, weights, f"{name}.")
+        mod.to(dev)
     if spec.get("ref_variant", "shipped") == "fixed":
         layout_fix(m)
-    t = {k: torch.from_numpy(v) for k, v in inputs.items()}
-    img = nchw(inputs["image"]) if "image" in inputs else None
+    t = {k: torch.from_numpy(v).to(dev) for k, v in inputs.items()}
+    img = nchw(inputs["image"]).to(dev) if "image" in inputs else None
 
     def vae_out():
         packed, _, _ = m["compressor"](img, training=True)
@@ -158,7 +161,7 @@ def build(spec: dict) -> tuple[dict, list]:
         return m, [(("flow",), flow_iter)]
     d = m.get("discriminator")
     if kind == "disc":
-        real, fake, ctx = nchw(inputs["real"]), nchw(inputs["fake"]), t["ctx"]
+        real, fake, ctx = nchw(inputs["real"]).to(dev), nchw(inputs["fake"]).to(dev), t["ctx"]
 
         def disc_loss():
             return (F.relu(1.0 - _hinge(d(real, ctx))).mean()
@@ -198,6 +201,8 @@ def bench(spec: dict, out_path: Path) -> dict:
     n_params = int(sum(p.numel() for mod in modules.values() for p in mod.parameters()
                        if id(p) in all_trained))
     bf16 = spec.get("dtype", "float32") == "bfloat16"
+    dev = torch.device(spec.get("device", "cpu"))
+    cuda = dev.type == "cuda"
     every = [p for mod in modules.values() for p in mod.parameters()]
     times, cpu, losses = [], [], []
     peak_all, steps_only = 0, False
@@ -209,22 +214,28 @@ def bench(spec: dict, out_path: Path) -> dict:
             for p in every:  # only this part's modules get gradients
                 p.requires_grad_(id(p) in mine)
             opt.zero_grad(set_to_none=True)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = loss_fn()
             loss.backward()
             opt.step()
             losses.append(float(loss.item()))
+        if cuda:  # the backward and Adam's kernels may still be queued
+            torch.cuda.synchronize(dev)
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
         partial.write_text(json.dumps({"times_s": times, "peak_rss": max(peak_all, peak_rss())}))
         if len(times) == int(spec["warmup"]):  # Adam's state exists from here on
             peak_all, steps_only = peak_rss(), reset_peak_rss()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(dev)
     # loss0: the last part's loss of the first iteration (what our side reports too).
     return {"times_s": times[int(spec["warmup"]):], "cpu_s": cpu[int(spec["warmup"]):],
             "loss0": losses[len(parts) - 1],
             "losses": losses,
             "n_params": n_params, "peak_rss": max(peak_all, peak_rss()),
-            "peak_rss_steps": peak_rss() if steps_only else None}
+            "peak_rss_steps": peak_rss() if steps_only else None,
+            # the GPU's allocated bytes at their peak over the timed iterations
+            "peak_device_bytes": int(torch.cuda.max_memory_allocated(dev)) if cuda else None}
 
 
 class _Accelerator:
@@ -282,6 +293,9 @@ def main(argv: list[str]) -> int:
         return 2
     spec = json.loads(Path(argv[0]).read_text())
     torch.set_num_threads(int(spec.get("threads", 2)))
+    # fp32 on a GPU: TF32 matmuls and convolutions, as XLA's default precision runs ours
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(
+        spec.get("tf32", False))
     torch.manual_seed(int(spec.get("seed", 0)))
     install_reference(spec["ref_src"])
     if spec.get("mode") == "bench":

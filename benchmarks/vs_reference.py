@@ -1,7 +1,9 @@
 """fluxflow_jax vs the PyTorch reference: training-iteration time, FLOPs, % of peak and memory
-of the same models on the same CPU, side by side.
+of the same models on the same CPU or GPU, side by side.
 
     python benchmarks/vs_reference.py --suite small     # CI size: 25 min on the loaded 2-core VM
+    python benchmarks/vs_reference.py --device gpu --suite gpu --dtypes float32,bfloat16 \
+        --threads 8 --torch_python python3 --keep_going     # a GPU machine: gpu_session.sh
     python benchmarks/vs_reference.py --suite full --readme      # the issue's sizes (long)
     python benchmarks/vs_reference.py --cases disc,vae16 --dtypes float32,bfloat16
     python benchmarks/vs_reference.py --cases vae16 --dynamics 300   # + training dynamics
@@ -58,6 +60,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -177,6 +180,8 @@ def time_reference(case: dict, args, tmp: Path, variant: str, dtype: str, warmup
             "ref_src": args.ref_src, "threads": args.threads, "warmup": warmup, "steps": steps,
             "grad_ckpt": args.ref_grad_ckpt or bool(case["config"].get("remat")),
             "ref_variant": variant, "dtype": dtype,
+            "device": "cuda" if args.device == "gpu" else "cpu",
+            "tf32": args.device == "gpu" and dtype == "float32",
             "inputs": str(tmp / "inputs.st"), "weights": str(tmp / "weights.st")}
     (tmp / "spec.json").write_text(json.dumps(spec))
     out = tmp / "out.json"
@@ -264,6 +269,12 @@ def run_case(name: str, dtype: str, args, tmp: Path) -> dict:
            "params": ours.n_params, "ref_params": ref["n_params"],
            "torch": ref["torch"], "ref_threads": ref["threads"],
            "timed_iterations": len(t_ours)}
+    if args.device == "gpu":  # allocated device bytes at their peak, both sides
+        import jax
+        stats = jax.devices()[0].memory_stats() or {}
+        row.update(ours_dev_mb=round(stats.get("peak_bytes_in_use", 0) / 2**20, 1),
+                   ref_dev_mb=round((ref.get("peak_device_bytes") or 0) / 2**20, 1),
+                   device_kind=jax.devices()[0].device_kind)
     if args.floor:  # after the peak RSS is read, so the op timings are not part of it
         row.update(_floor.kernel_floor(ours.jaxprs()))
     return row
@@ -275,12 +286,15 @@ def run_child(args) -> int:
         row = run_case(args._child, args._dtype, args, Path(d))
     # The matmul peak again, here (on a shared machine the parent's figure may be a low one),
     # after the case: its 2048^2 operands and executables are not part of the case's peak RSS.
-    local = _measure.matmul_peak()
+    local = _measure.matmul_peak(peak_n(args))
     peak = {k: max(v, local[k]) for k, v in json.loads(args._peak).items()}
     pk = peak[row["dtype"]] * 1e9
     row.update(ours_pct_peak=round(100 * row["flops"] / (row["ours_ms"] / 1e3) / pk, 1),
                ref_pct_peak=round(100 * row["flops"] / (row["ref_ms"] / 1e3) / pk, 1),
                peak_gflops=peak)
+    if (sheet := _measure.datasheet_tflops(row.get("device_kind", ""), row["dtype"])):
+        row.update(ours_mfu=round(100 * row["flops"] / (row["ours_ms"] / 1e3) / sheet / 1e12, 1),
+                   ref_mfu=round(100 * row["flops"] / (row["ref_ms"] / 1e3) / sheet / 1e12, 1))
     Path(args._row).write_text(json.dumps(row))
     return 0
 
@@ -296,8 +310,14 @@ def spawn_case(name: str, dtype: str, argv: list[str], peak: dict, tmp: Path) ->
     return json.loads(row_path.read_text())
 
 
+def peak_n(args) -> int:
+    """Side of the square matmul that measures the peak: 2048 fills 2 CPU cores, a GPU needs
+    8192."""
+    return 8192 if args.device == "gpu" else 2048
+
+
 def check_setup(args) -> None:
-    if not Path(args.torch_python).exists():
+    if not shutil.which(args.torch_python):
         raise SystemExit(f"--torch_python {args.torch_python} does not exist: make a venv with "
                          "torch, numpy, safetensors and einops (see this file's docstring)")
     vae = Path(args.ref_src) / "core" / "src" / "fluxflow" / "models" / "vae.py"
@@ -329,6 +349,13 @@ def parse_args(argv):
                     help="python of an environment with torch, numpy, safetensors, einops, "
                          "transformers")
     ap.add_argument("--threads", type=int, default=2, help="cores for both sides")
+    ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                    help="where both sides run: gpu = JAX's CUDA backend and torch on cuda, fp32 "
+                         "as TF32 on both (XLA's default precision), device memory columns, MFU "
+                         "against the datasheet peak of a known GPU")
+    ap.add_argument("--keep_going", action="store_true",
+                    help="a case that fails (out of memory, a missing module) is reported and the "
+                         "run goes on with the next one")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3, help="timed iterations per side and round")
     ap.add_argument("--rounds", type=int, default=2,
@@ -366,6 +393,8 @@ def parse_args(argv):
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, names, dtypes = parse_args(argv)
+    # before jax starts (the children inherit it): --device decides, not what is installed
+    os.environ["JAX_PLATFORMS"] = "cuda" if args.device == "gpu" else "cpu"
     check_setup(args)
     cores = pin_threads(args.threads)
     if args._child:
@@ -374,16 +403,34 @@ def main(argv=None) -> int:
 
     import jax
 
-    peak = _measure.matmul_peak()
+    if args.device == "gpu":
+        try:
+            backend = jax.default_backend()
+        except Exception as e:  # noqa: BLE001 - JAX_PLATFORMS=cuda without a CUDA jaxlib/GPU
+            backend = f"no backend ({type(e).__name__}{': ' if str(e) else ''}{str(e)[:200]})"
+        if backend != "gpu":
+            raise SystemExit(f"--device gpu: JAX runs on {backend}; it needs a CUDA jaxlib "
+                             "(pip install 'jax[cuda12]') and a visible GPU")
+    peak = _measure.matmul_peak(peak_n(args))
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, cores {cores}, matmul peak "
           f"GFLOP/s {peak}", flush=True)
-    rows, t_all = [], time.perf_counter()
+    rows, failed, t_all = [], [], time.perf_counter()
     load = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="vs_reference_") as d:
         for name in names:
             for dtype in dtypes:
-                r = spawn_case(name, dtype, parent_argv, peak, Path(d))
+                try:
+                    r = spawn_case(name, dtype, parent_argv, peak, Path(d))
+                except RuntimeError as e:
+                    if not args.keep_going:
+                        raise
+                    failed.append({"case": name, "dtype": dtype, "error": str(e)[-2000:]})
+                    _measure.write_partial(Path(args.out), rows, failed)
+                    print(f"  {name:14s} {dtype:8s} FAILED: {str(e).splitlines()[0]}",
+                          flush=True)
+                    continue
                 rows.append(r)
+                _measure.write_partial(Path(args.out), rows, failed)
                 print(f"  {name:14s} {dtype:8s} ours {_measure.fmt_ms(r['ours_ms']):>8s}  ref "
                       f"{_measure.fmt_ms(r['ref_ms']):>8s} (shipped "
                       f"{_measure.shipped_cell(r)})  ref/ours {r['ratio_ref_over_ours']:5.2f} (CPU "
@@ -396,7 +443,10 @@ def main(argv=None) -> int:
             import _dynamics
             dynamics = _dynamics.run_dynamics(args, Path(d))
     peak = {k: max([v] + [r["peak_gflops"][k] for r in rows]) for k, v in peak.items()}
-    _measure.print_table(rows)
+    if rows:
+        _measure.print_table(rows)
+    for f in failed:
+        print(f"failed: {f['case']} ({f['dtype']}): {f['error'].strip().splitlines()[-1]}")
     if dynamics:
         _dynamics.print_dynamics(dynamics)
     total = time.perf_counter() - t_all
@@ -405,8 +455,9 @@ def main(argv=None) -> int:
             "threads": args.threads, "cores": cores, "python": platform.python_version(),
             "machine": platform.machine(), "processor": platform.processor(),
             "machine_desc": f"{platform.machine()} {os.cpu_count()} cores visible, "
-                            f"{_cpu_name()}",
-            "peak": peak, "peak_n": 2048, "loadavg": " ".join(f"{x:.1f}" for x in load),
+                            f"{_measure.cpu_name()}",
+            "peak": peak, "peak_n": peak_n(args), "device": args.device,
+            "failed": failed, "loadavg": " ".join(f"{x:.1f}" for x in load),
             "warmup": args.warmup, "steps": args.steps, "rounds": args.rounds,
             "ref_cap": args.ref_cap, "ref_grad_ckpt": args.ref_grad_ckpt, "argv": argv,
             "command": "python benchmarks/vs_reference.py " + " ".join(argv),
@@ -419,21 +470,12 @@ def main(argv=None) -> int:
     if dynamics:
         doc["dynamics"] = dynamics
     out.write_text(json.dumps(doc, indent=1) + "\n")
+    Path(str(out) + ".partial").unlink(missing_ok=True)
     print(f"wrote {out}")
     if args.readme:
         _measure.write_readme(HERE / "README.md", rows, meta)
         print(f"wrote {HERE / 'README.md'}")
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

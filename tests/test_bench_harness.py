@@ -175,3 +175,48 @@ def test_ab_revisions_runs_two_revisions_and_records_both(tmp_path):
     # Each side's memory: XLA's live bytes of its compiled step and its process's peak RSS,
     # which holds at least those bytes.
     assert all(0 < r["xla_mb"] < r["rss_mb"] for r in result["rows"].values())
+
+
+def test_gpu_rows_carry_device_memory_and_mfu_columns():
+    """``--device gpu`` rows: the device's peak allocated bytes of both sides and MFU against the
+    datasheet peak of a GPU the harness knows (none for a CPU); the ``gpu`` suite's cases exist."""
+    assert _measure.datasheet_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4
+    assert _measure.datasheet_tflops("NVIDIA H100 PCIe", "float32") == 378.0
+    assert _measure.datasheet_tflops("cpu", "float32") is None
+    row = {"size": "flow", "dtype": "bfloat16", "ours_ms": 100.0, "ref_ms": 150.0,
+           "ref_shipped_ms": None, "ref_shipped_note": None, "flops": 2e12,
+           "ours_pct_peak": 30.0, "ref_pct_peak": 20.0, "ours_xla_mb": 10.0, "ours_rss_mb": 900.0,
+           "ref_rss_mb": 800.0, "ours_compile_s": 3.0}
+    gpu = dict(row, ours_dev_mb=600.0, ref_dev_mb=800.0, ours_mfu=41.2, ref_mfu=20.0)
+    assert _measure.header([row]) == _measure.HEADER
+    assert _measure.header([gpu]) == _measure.HEADER + _measure.DEVICE_HEADER + _measure.MFU_HEADER
+    (cells,) = _measure.table_rows([gpu])
+    assert cells[-2:] == ["600 / 800 (0.75)", "41.2% / 20.0%"]
+    assert _cases.SUITES["gpu"] and set(_cases.SUITES["gpu"]) <= set(_cases.CASES)
+
+
+def test_device_gpu_without_one_is_refused_and_keep_going_reports_a_failed_case(tmp_path):
+    """The harness as a user runs it: ``--device gpu`` on a machine whose JAX has no GPU stops
+    with one line; with ``--keep_going`` a case whose reference side fails (here: sources without
+    the trainer module) is reported in the output and the JSON, and the run still ends cleanly."""
+    import json
+    import subprocess
+
+    ref = tmp_path / "ref"
+    (ref / "core" / "src" / "fluxflow" / "models").mkdir(parents=True)
+    (ref / "core" / "src" / "fluxflow" / "models" / "vae.py").write_text("")
+    cmd = [sys.executable, str(BENCH / "vs_reference.py"), "--torch_python", sys.executable,
+           "--ref_src", str(ref)]
+    p = subprocess.run(cmd + ["--device", "gpu", "--out", str(tmp_path / "g.json")],
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert p.returncode == 1 and "--device gpu: JAX runs on " in p.stderr, p.stderr[-2000:]
+    out = tmp_path / "k.json"
+    p = subprocess.run(cmd + ["--cases", "disc", "--steps", "1", "--rounds", "1", "--warmup", "0",
+                              "--keep_going", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600, check=False)
+    assert p.returncode == 0, p.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["results"] == [] and [f["case"] for f in doc["meta"]["failed"]] == ["disc"]
+    assert "torch worker failed" in doc["meta"]["failed"][0]["error"]
+    assert "failed: disc (float32)" in p.stdout
+    assert not (tmp_path / "k.json.partial").exists()
