@@ -285,9 +285,9 @@ def conv_labels(hlo_text: str) -> list[str]:
 @pytest.mark.parametrize("shape,k,pad", [((2, 9, 7, 3), 3, (1, 1)), ((2, 8, 8, 4), 3, (0, 0)),
                                          ((1, 6, 6, 2), 5, (2, 2)), ((2, 5, 6, 3), 3, (2, 1))])
 def test_conv_stride1_and_its_first_and_second_gradients_equal_lax_conv_to_the_bit(shape, k, pad):
-    """The discriminator's convolution (``layers.conv_stride1``) computes what
-    ``lax.conv_general_dilated`` does, and so do its input and kernel gradients and R1's
-    gradient of a gradient: bit for bit, eagerly."""
+    """``layers.conv_stride1`` (the discriminator's convolution, and ``layers.Conv``'s at stride 1)
+    computes what ``lax.conv_general_dilated`` does, and so do its input and kernel gradients and
+    R1's gradient of a gradient: bit for bit, eagerly."""
     from fluxflow_jax.models.layers import conv_stride1
 
     rng = np.random.default_rng(0)
