@@ -6,6 +6,8 @@ import os
 import shutil
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+
 # LLVM at -O0 for every program the tests compile: in the pytest processes (conftest.py puts it
 # in XLA_FLAGS before JAX starts its backend) and in every command they start. Compiling is most
 # of the suite's time on 2 cores, and -O0 roughly halves it: the test-size demo (three stages)
@@ -57,3 +59,14 @@ def rewound_copy(src: Path, dst: Path, stage: str, step: int) -> Path:
     ps.get("results", {}).pop(stage, None)
     (dst / "pipeline_state.json").write_text(json.dumps(ps))
     return dst
+
+
+def load_config(spec: str = "configs/demo.py:test"):
+    """A shipped config as ``--config=path[:arg]`` reads it: ``get_config(arg)`` of the file
+    ``path`` under the repository root (default: the demo at test size)."""
+    import importlib.util
+    path, _, arg = spec.partition(":")
+    mod_spec = importlib.util.spec_from_file_location("cfg_under_test", ROOT / path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod.get_config(arg)

@@ -4,33 +4,23 @@ with its compile time (a pause of minutes at Phase 1 size would otherwise look l
 the metrics JSONL counts the shapes and the seconds spent compiling them."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-from pathlib import Path
 
 import ml_collections as mlc
+from run_utils import load_config
 from test_data_helpers import encode, shape_image
 
 from fluxflow_jax import config_defaults as cd
 from fluxflow_jax import pipeline
 from fluxflow_jax.data import write_shapes_folder
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _demo_config():
-    spec = importlib.util.spec_from_file_location("demo_cfg", ROOT / "configs" / "demo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config("test")
-
 
 def test_each_bucket_shape_compiles_once_and_a_new_one_is_announced(tmp_path, capsys):
     data = write_shapes_folder(tmp_path / "f", 8, img_size=32)
     for i in range(4, 8):  # half of the images wide: a second bucket
         (tmp_path / "f" / f"{i:06d}.png").write_bytes(encode(shape_image(i, (32, 48))))
-    c = _demo_config()
+    c = load_config()
     c.datasets.shapes = cd.dataset_config(**data, img_size=32, resize_mode="bucket",
                                           buckets=[[32, 32], [32, 48]])
     c.stage_order = ("vae_warmup",)

@@ -3,7 +3,6 @@ loop reads it: every bad sample skipped and counted under its reason in the metr
 crashes, nothing opened outside the image folder (audit hook over the whole in-process run)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -13,24 +12,17 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from broken_corpus import build_folder_corpus, watch_opens  # noqa: E402
+from run_utils import load_config
 
 from fluxflow_jax import config_defaults as cd  # noqa: E402
 from fluxflow_jax import pipeline  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.xdist_group("corpus")
-
-
-def _demo_config():
-    spec = importlib.util.spec_from_file_location("demo_cfg", ROOT / "configs" / "demo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config("test")
 
 
 def test_broken_corpus_through_a_training_stage(tmp_path):
     corpus = build_folder_corpus(tmp_path / "corpus")
-    c = _demo_config()
+    c = load_config()
     c.datasets.shapes = cd.dataset_config(**corpus.config)
     c.stage_order = ("vae_warmup",)
     n_good = len(corpus.good)

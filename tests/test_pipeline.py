@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from run_utils import compile_cache, xla_flags
+from run_utils import compile_cache, load_config, xla_flags
 from safetensors.numpy import load_file
 from tensorboardX.proto import event_pb2
 
@@ -108,19 +108,10 @@ def demo_run(tmp_path_factory):
     return wd
 
 
-def _load_config(spec):
-    import importlib.util
-    path, _, arg = spec.partition(":")
-    mod_spec = importlib.util.spec_from_file_location("cfg_under_test", ROOT / path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    return mod.get_config(arg)
-
-
 @pytest.mark.parametrize("config", CONFIGS + [c + ":runlocal" for c in CONFIGS])
 def test_every_shipped_config_is_valid_and_has_a_plan(config):
     from fluxflow_jax import stages
-    c = _load_config(config)
+    c = load_config(config)
     assert stages.validate_config(c, check_paths=False) == []
     # away from its data, only the data paths are reported (each naming its key)
     errs = stages.validate_config(c)
@@ -149,11 +140,7 @@ def test_validate_flag_prints_the_plan_and_trains_nothing(tmp_path):
 
 def test_bad_config_reports_every_error_with_its_key():
     from fluxflow_jax import stages
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("demo_cfg", ROOT / "configs/demo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config("test")
+    c = load_config()
     c.stages.vae_warmup.train = ("vea",)
     c.stages.vae_gan.optimizers.vae.lr = -1.0
     c.stages.flow.dataset = "nope"

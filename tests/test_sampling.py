@@ -2,7 +2,6 @@
 models through the public Generator / SampleMaker API."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
-from run_utils import xla_flags
+from run_utils import load_config, xla_flags
 from safetensors.numpy import load_file
 
 from fluxflow_jax import data as data_lib
@@ -146,16 +145,9 @@ def test_vpred_matches_the_reference_loop_on_its_fixture():
 # Real tiny models through the public API
 
 
-def _demo_config():
-    spec = importlib.util.spec_from_file_location("demo_cfg", ROOT / "configs" / "demo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config("test")
-
-
 @pytest.fixture(scope="module")
 def tiny():
-    config = _demo_config()
+    config = load_config()
     tok = data_lib.load_tokenizer("demo")
     mcfg = config.model.to_dict()
     mcfg["text"]["vocab_size"] = len(tok)
