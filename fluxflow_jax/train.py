@@ -369,10 +369,10 @@ def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | N
             if t_first is not None:  # a new shape's first call compiles (or loads from cache)
                 jax.block_until_ready(step_metrics)
                 compile_s[shape] = time.monotonic() - t_first
-                libs = {k: xla.convolution_choice(getattr(step_fns[k], "jitted", None))
-                        for k in st.kinds}
-                conv = ", ".join(f"{k} {v}" for k, v in libs.items() if v)
-                if len(compile_s) == 1:
+                if len(compile_s) == 1:  # the convolution library is chosen here, for all shapes
+                    libs = {k: xla.convolution_choice(getattr(step_fns[k], "jitted", None))
+                            for k in st.kinds}
+                    conv = ", ".join(f"{k} {v}" for k, v in libs.items() if v)
                     print(f"[{name}] compiled {'+'.join(st.kinds)} in {compile_s[shape]:.1f} s"
                           + (f" (CPU convolutions: {conv})" if conv else ""), flush=True)
                 else:
