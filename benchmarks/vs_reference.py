@@ -285,7 +285,8 @@ def run_child(args) -> int:
     with tempfile.TemporaryDirectory(prefix="vs_reference_") as d:
         row = run_case(args._child, args._dtype, args, Path(d))
     # The matmul peak again, here (on a shared machine the parent's figure may be a low one),
-    # after the case: its 2048^2 operands and executables are not part of the case's peak RSS.
+    # after the case: its operands (``peak_n``: 2048^2 on CPU, 8192^2 on a GPU) and executables
+    # are not part of the case's peak RSS.
     local = _measure.matmul_peak(peak_n(args))
     peak = {k: max(v, local[k]) for k, v in json.loads(args._peak).items()}
     pk = peak[row["dtype"]] * 1e9

@@ -121,6 +121,10 @@ def base_config() -> mlc.ConfigDict:
     # Divergence policy: a non-finite update is skipped (and reported); this many in a row stop the
     # stage with exit code 3, keeping the last good checkpoint.
     c.max_nonfinite_in_a_row = 5
+    # Background threads compiling the steps for the batch shapes (aspect buckets) a stage will
+    # meet, once its first shape has compiled: -1 = one per 4 CPU cores (1-8), 0 = off (each shape
+    # then compiles when first met); see compile_ahead.py
+    c.compile_ahead = -1
     c.checkpoint = mlc.ConfigDict(dict(interval_steps=500, interval_minutes=30.0, max_to_keep=3,
                                        async_save=True))
     # spade: decode samples/generations with SPADE context - 'auto' = when a stage of this run

@@ -130,6 +130,10 @@ def validate_config(config: Mapping, *, check_paths: bool = True) -> list[str]:
         errs.append(f"stage_order: duplicate names in {order}")
     if config.rng_impl not in ("threefry2x32", "rbg", "unsafe_rbg"):
         errs.append(f"rng_impl: {config.rng_impl!r} not in ('threefry2x32', 'rbg', 'unsafe_rbg')")
+    ahead = config.get("compile_ahead", -1)
+    if isinstance(ahead, bool) or not isinstance(ahead, int) or ahead < -1:
+        errs.append(f"compile_ahead: {ahead!r} is not a thread count: give one >= 1, -1 (one "
+                    "per 4 CPU cores) or 0 (each batch shape compiles when first met)")
     if config.batch_size <= 0:
         errs.append(f"batch_size: must be > 0, got {config.batch_size}")
     if not config.datasets:

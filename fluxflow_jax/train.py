@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -26,6 +27,7 @@ from jax.experimental import multihost_utils
 
 from fluxflow_jax import (
     cached,
+    compile_ahead,
     evaluate,
     interop,
     lora_run,
@@ -36,7 +38,6 @@ from fluxflow_jax import (
     sharding,
     stages,
     weights,
-    xla,
 )
 from fluxflow_jax import checkpoint as ckpt_lib
 from fluxflow_jax import controls as controls_lib
@@ -247,12 +248,6 @@ def apply_lr_scales(state: state_lib.TrainState, scales: Mapping[str, float]
 _params_finite = jax.jit(steps_lib.common.tree_finite)
 
 
-def _batch_shape(batch: Mapping[str, jax.Array]) -> str:
-    """The shape that decides a step's compilation, as printed: the images' or the latents'."""
-    key = next((k for k in ("image", "latent") if k in batch), min(batch))
-    return f"{key} " + "x".join(str(n) for n in batch[key].shape)
-
-
 def _host_metrics(step_metrics: Mapping) -> dict[str, float]:
     """Device metrics -> floats under both our names and the reference's JSONL names."""
     host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
@@ -336,8 +331,9 @@ def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | N
     if step < st.total_steps:
         print(f"[{name}] compiling {'+'.join(st.kinds)} ...", flush=True)
     # Each batch shape (an aspect bucket, a latent grid) compiles the steps anew: the first here,
-    # any later one mid-stage, where an unannounced pause of minutes looks like a hang.
-    compile_s: dict[str, float] = {}
+    # the others ahead in background threads (or, unannounced, a pause of minutes mid-stage).
+    compiles = compile_ahead.StageCompiles(name, st.kinds, step_fns, compile_ahead.threads_for(
+        int(config.compile_ahead), jax.process_count(), os.cpu_count()))
     pbar = metrics_lib.ProgressBar(st.total_steps, desc=name, initial=step,
                                    active=jax.process_index() == 0)
     last_log_t, last_log_step = time.monotonic(), step
@@ -361,25 +357,16 @@ def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | N
             batch = next(st.loader)
             gbatch = sharding.put_batch(batch, st.mesh)
             step_metrics = {}
-            shape = _batch_shape(gbatch)
-            t_first = time.monotonic() if shape not in compile_s else None
+            shape = compile_ahead.shape_name(gbatch)
+            new_shape = compiles.begin(shape)  # waits for its compile ahead, if one is running
             for kind in st.kinds:
                 state, m = step_fns[kind](state, gbatch, st.rng)
                 step_metrics.update(m)
-            if t_first is not None:  # a new shape's first call compiles (or loads from cache)
-                jax.block_until_ready(step_metrics)
-                compile_s[shape] = time.monotonic() - t_first
-                if len(compile_s) == 1:  # the convolution library is chosen here, for all shapes
-                    libs = {k: xla.convolution_choice(getattr(step_fns[k], "jitted", None))
-                            for k in st.kinds}
-                    conv = ", ".join(f"{k} {v}" for k, v in libs.items() if v)
-                    print(f"[{name}] compiled {'+'.join(st.kinds)} in {compile_s[shape]:.1f} s"
-                          + (f" (CPU convolutions: {conv})" if conv else ""), flush=True)
-                else:
-                    pbar.write(f"[{name}] step {step + 1}: new batch shape {shape}: compiled "
-                               f"{'+'.join(st.kinds)} in {compile_s[shape]:.1f} s (shape "
-                               f"{len(compile_s)}, {sum(compile_s.values()):.0f} s compiling "
-                               "in this stage)")
+            if new_shape:  # this first call compiled (or loaded from a cache)
+                compiles.end(shape, step + 1, step_metrics, pbar.write)
+                if len(compiles.compile_s) == 1:  # the library is chosen: the other shapes
+                    compiles.ahead(state, st.rng, gbatch, getattr(
+                        st.loader, "upcoming_shapes", lambda n: None)(st.total_steps - step - 1))
             step += 1
             # Divergence: a skipped update changes nothing (steps/common.py); many in a row stop.
             nonfinite = int(state.nonfinite)
@@ -423,8 +410,7 @@ def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | N
                 batch_idx = (step - 1) % st.epoch_length if st.epoch_length else step - 1
                 writer.write(offset + step, epoch, batch_idx, ref, lrs,
                              {"batch_time": batch_time, "stage_step": step,
-                              "batch_shapes": len(compile_s),
-                              "compile_s": round(sum(compile_s.values()), 2),
+                              **compiles.extras(),
                               **{f"data_{k}": v for k, v in st.loader.stats().items()
                                  if isinstance(v, (int, float))}})
                 pbar.update(step - pbar.n, **{k: v for k, v in ref.items()
@@ -440,6 +426,8 @@ def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | N
                 make_samples()
     except FloatingPointError as e:
         result.update(step=step, diverged=True, reason=str(e))
+    finally:
+        compiles.close()
     pbar.close()
     writer.flush()
     if result.get("diverged"):

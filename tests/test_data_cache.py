@@ -148,3 +148,35 @@ def test_streams_cannot_be_cached_directly(tmp_path):
     with pytest.raises(TypeError, match="map-style"):
         build_latent_cache(cfg, encode_image, encode_text, tmp_path / "c",
                            encoder_fingerprint=ENC, tokenizer=tok())
+
+
+def _first_shapes(batches: list[dict], keys) -> list[dict]:
+    seen: list[dict] = []
+    for b in batches:
+        shapes = {k: tuple(b[k].shape) for k in keys}
+        if shapes not in seen:
+            seen.append(shapes)
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["folder", "cache"])
+def test_upcoming_shapes_are_the_shapes_the_next_batches_bring_in_order(folder, tmp_path, kind):
+    """What ``compile_ahead`` compiles: each bucket shape of the next n batches, in the order
+    they first come, as host-local shapes - from any position, across epochs, on any host."""
+    src = folder
+    if kind == "cache":
+        src = {"type": "cache", "path": str(build_latent_cache(
+            folder, encode_image, encode_text, tmp_path / "c", encoder_fingerprint=ENC,
+            tokenizer=tok(), shard_size=5))}
+    for pi, pc, skip, n in [(0, 1, 0, 1), (0, 1, 0, 7), (0, 1, 2, 4), (1, 2, 3, 9)]:
+        loader = make_loader(src, global_batch_size=4, seed=pi + skip, tokenizer=tok(),
+                             process_index=pi, process_count=pc)
+        take(loader, skip)
+        want = loader.upcoming_shapes(n)
+        keys = sorted(want[0])
+        assert keys == (["image"] if kind == "folder" else  # every stored array
+                        ["attention_mask", "input_ids", "latent", "latent_mean", "text_embedding"])
+        got = _first_shapes(take(loader, n), keys)
+        assert want == got, (pi, pc, skip, n)
+        assert all(s[keys[0]][0] == 4 // pc for s in want)
+    assert len(want) == 2  # 9 batches over 3 epochs of 2 square and 1 wide batch: both

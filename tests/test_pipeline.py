@@ -146,13 +146,14 @@ def test_bad_config_reports_every_error_with_its_key():
     c.stages.flow.dataset = "nope"
     c.model.activation = "tanhh"
     c.stages.flow.loss.objective = "ddim"
+    c.compile_ahead = -2
     with pytest.raises(stages.ConfigError) as e:
         stages.check_config(c)
     msg = str(e.value)
     for key in ("stages.vae_warmup.train", "stages.vae_gan.optimizers.vae", "stages.flow.dataset",
-                "model.activation", "stages.flow.loss.objective"):
+                "model.activation", "stages.flow.loss.objective", "compile_ahead: -2"):
         assert key in msg, f"{key} missing from:\n{msg}"
-    assert len(e.value.errors) >= 5
+    assert len(e.value.errors) >= 6
 
 
 def test_misspelt_override_fails_loudly(tmp_path):

@@ -283,6 +283,14 @@ class CacheLoader(PlannedLoader):
             f = cache[k] = safe_open(str(self._files[k]), framework="numpy")
         return f
 
+    def _bucket_shapes(self, b: int) -> dict[str, tuple[int, ...]]:
+        hw = list(self.bucket_sizes[b])
+        k = next(i for i, s in enumerate(self.shards)
+                 if list(s["bucket"]) == hw and self._files[i] is not None)
+        f = self._shard(k)
+        names = [key for key in list(f.keys()) if key != "index"]
+        return {key: (self.local_batch_size, *f.get_slice(key).get_shape()[1:]) for key in names}
+
     def _load_batch(self, k: int) -> dict:
         _, _, _, local = self._local_indices(k)
         shard_ids = np.searchsorted(self._starts, local, side="right") - 1

@@ -119,6 +119,32 @@ class PlannedLoader:
         lo = self.process_index * self.local_batch_size
         return epoch, plan, int(plan.bucket[pos]), plan.batches[pos][lo:lo + self.local_batch_size]
 
+    def upcoming_buckets(self, n: int) -> list[int]:
+        """Bucket ids of the next ``n`` global batches, each once, in the order they first come.
+
+        A plan is a pure function of (seed, epoch): the future ones are made here and not kept
+        (the cache holds the epochs the decode threads are reading)."""
+        order: list[int] = []
+        can_come = sum(len(m) >= self.global_batch_size for m in self.members)
+        k, end = self._next, self._next + max(0, int(n))
+        while k < end and len(order) < can_come:
+            epoch, pos = divmod(k, self.epoch_length)
+            plan = planlib.make_plan(self.members, self.global_batch_size, self.seed, epoch,
+                                     self.shuffle)
+            ids = plan.bucket[pos:pos + end - k]
+            _, first = np.unique(ids, return_index=True)
+            order += [int(b) for b in ids[np.sort(first)] if int(b) not in order]
+            k += len(ids)
+        return order
+
+    def upcoming_shapes(self, n: int) -> list[dict[str, tuple[int, ...]]]:
+        """For each bucket of the next ``n`` batches, in the order they first come, the
+        host-local shapes of the arrays that depend on the bucket (``compile_ahead.py``)."""
+        return [self._bucket_shapes(b) for b in self.upcoming_buckets(n)]
+
+    def _bucket_shapes(self, b: int) -> dict[str, tuple[int, ...]]:
+        raise NotImplementedError
+
     def _plan(self, epoch: int) -> planlib.EpochPlan:
         # keyed by the seed too: a thread of an abandoned iterator may still be finishing a
         # batch when set_state installs another seed
@@ -313,6 +339,10 @@ class MapLoader(PlannedLoader):
         h, w = bucket_hw
         raise DataError(f"datasets.{self.name} ({self.description}): every sample of "
                         f"bucket {h}x{w} is unusable ({format_counts(counts)})")
+
+    def _bucket_shapes(self, b: int) -> dict[str, tuple[int, ...]]:
+        h, w = self.bucket_sizes[b]
+        return {"image": (self.local_batch_size, int(h), int(w), 3)}
 
     def _load_batch(self, k: int) -> dict:
         epoch, plan, b, local = self._local_indices(k)

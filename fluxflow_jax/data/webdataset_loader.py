@@ -115,6 +115,11 @@ class StreamLoader:
                           description=self.description, log=self._log)
 
     # ------------------------------------------------------------------ state
+    def upcoming_shapes(self, n: int) -> list[dict[str, tuple[int, ...]]] | None:
+        """A stream's bucket order is not known ahead (``compile_ahead.py``): None with several
+        buckets, none to add with one."""
+        return [] if is_fixed_size(self.cfg) else None
+
     def _initial_state(self) -> dict:
         rng = np.random.Generator(np.random.PCG64(
             np.random.SeedSequence([SHUFFLE_SALT, self.seed % 2**63])))
