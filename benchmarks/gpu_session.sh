@@ -2,14 +2,14 @@
 # Issue 11, item 4: the one prepared script for a lent GPU machine. The device tool runs it in the
 # repository root and brings back what it writes under $OUT.
 #
-# Before the call, on this machine (the reference's sources travel as an ignored folder):
-#   mkdir -p .refsrc/core .refsrc/training
-#   git --git-dir=/work/.mirror/danny-mio+fluxflow-core/repo archive HEAD | tar -x -C .refsrc/core
-#   git --git-dir=/work/.mirror/danny-mio+fluxflow-training/repo archive HEAD \
-#       | tar -x -C .refsrc/training
-# The call: command `bash benchmarks/gpu_session.sh`, carry [".refsrc"], timeout_s 560.
+# Before the call, on this machine: `bash benchmarks/gpu_prepare.sh` (the reference's sources
+# and the wheels of what the device may lack, as two ignored folders).
+# The call: command `bash benchmarks/gpu_session.sh`, carry [".refsrc", ".devwheels"],
+# timeout_s 560.
 #
-# What it does: writes what the machine has ($OUT/env.txt: the GPU, Python, and whether jax,
+# What it does: installs, from .devwheels and into $DEPS, each package whose import fails there
+# (the device cannot reach an index; `pip --no-index --no-deps`, so nothing it has is replaced);
+# writes what the machine has ($OUT/env.txt: the GPU, Python, and whether jax,
 # flax, optax, torch, einops... import, with versions), then, within BUDGET_S seconds (default
 # 480; `timeout` stops it), benchmarks/vs_reference.py with both sides on the GPU
 # (--device gpu: fp32 as TF32 on both, and bf16) over the `gpu` suite of benchmarks/_cases.py,
@@ -21,8 +21,22 @@ set -uo pipefail
 OUT=${OUT:-runs/gpu_session}
 BUDGET_S=${BUDGET_S:-480}
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+DEPS=${DEPS:-/tmp/fluxflow_devdeps}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}:$DEPS"
 {
+  if [ -d .devwheels ]; then
+    for pair in absl:absl_py etils:etils typing_extensions:typing_extensions msgpack:msgpack \
+        yaml:pyyaml pygments:pygments rich:rich cloudpickle:cloudpickle filelock:filelock \
+        safetensors:safetensors ml_collections:ml_collections einops:einops optax:optax \
+        flax:flax; do
+      mod=${pair%%:*}
+      if ! python3 -c "import $mod" 2>/dev/null; then
+        echo "installing ${pair##*:} from .devwheels (import $mod failed)"
+        python3 -m pip install -q --no-index --no-deps --find-links .devwheels \
+            --target "$DEPS" "${pair##*:}" || echo "FAILED: pip install ${pair##*:}"
+      fi
+    done
+  fi
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
   python3 - <<'PY'
 import importlib
