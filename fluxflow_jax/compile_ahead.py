@@ -15,7 +15,11 @@ calls that compiled anyway, is 0 in ``tests/test_bucket_shapes.py``). The progra
 a call would compile, so the numbers are the same bit for bit (the same test, ahead on and off).
 
 Several processes: each compiles the same programs; GPU autotuning may exchange results between
-hosts while compiling, so they compile ahead in one thread each, in the same order.
+hosts while compiling, so they compile ahead in one thread each, in the same order. On a GPU,
+XLA's autotuner times candidate kernels on the device, here while it trains: the timings are
+taken on a busy device and its scratch memory comes on top of the step's. A compile that fails
+ahead (out of memory) is reported and done again in the loop; ``compile_ahead=0`` keeps every
+compile in the loop, as before.
 """
 from __future__ import annotations
 
@@ -101,12 +105,17 @@ class StageCompiles:
         self._open: tuple[float, dict | None, int] | None = None
         _install_counter()
 
-    def begin(self, shape: str) -> bool:
+    def begin(self, shape: str, step: int, write: Callable[[str], None]) -> bool:
+        """Before the calls of ``step`` (1-based) on a batch of ``shape``: True for a shape not
+        met before, after its compile ahead (if any) has finished."""
         if shape in self.compile_s:
             return False
         t0 = time.monotonic()
         fut = self._ahead.pop(shape, None)
         done = None
+        if self.compile_s and (fut is None or not fut.done()):  # a pause: say why, now
+            write(f"[{self.name}] step {step}: new batch shape {shape}: "
+                  + ("compiling ..." if fut is None else "waiting for its compile ahead ..."))
         if fut is not None:
             try:
                 done = fut.result()

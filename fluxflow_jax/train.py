@@ -358,7 +358,7 @@ def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | N
             gbatch = sharding.put_batch(batch, st.mesh)
             step_metrics = {}
             shape = compile_ahead.shape_name(gbatch)
-            new_shape = compiles.begin(shape)  # waits for its compile ahead, if one is running
+            new_shape = compiles.begin(shape, step + 1, pbar.write)  # waits for it, if ahead
             for kind in st.kinds:
                 state, m = step_fns[kind](state, gbatch, st.rng)
                 step_metrics.update(m)

@@ -72,10 +72,17 @@ def test_bucket_shapes_compile_ahead_or_when_met_with_the_same_numbers(tmp_path,
     # overlapped the steps before it).
     waited = rows[-1]["extras"]["compile_wait_s"]
     assert abs(waited - rows[0]["extras"]["compile_wait_s"] - float(msg[2])) <= 0.07
+    # A pause is announced when it starts: here the compile ahead was still running when the
+    # shape came (a wait of a second or more means it was).
+    pause = re.findall(r"step (\d+): new batch shape image 2x32x\d+x3: waiting for its compile "
+                       r"ahead \.\.\.\n", out)
+    assert pause == [str(step)] or (not pause and float(msg[2]) < 1.0), out
 
     out0, rows0 = _run(tmp_path / "off", capsys, ahead=0)
     assert "ahead" not in out0
     step0, secs0 = _new_shape_step(out0, rows0, r"in ([0-9.]+) s")
+    assert re.findall(r"step (\d+): new batch shape image 2x32x\d+x3: compiling \.\.\.\n",
+                      out0) == [str(step0)]
     msg0 = re.search(r"new batch shape image 2x32x\d+x3: compiled vae in ([0-9.]+) s", out0)
     assert abs(secs0 - float(msg0[1])) <= 0.07
     assert rows0[-1]["extras"]["compile_wait_s"] == rows0[-1]["extras"]["compile_s"]
@@ -142,12 +149,12 @@ def test_an_ahead_compile_that_fails_or_is_not_reused_is_reported(capsys):
         compiles.compile_s["image 2x4x4x3"] = 1.0  # the first shape, as the loop leaves it
         compiles.ahead(state, rng, first, [{"image": (2, 4, 8, 3)}])
         batch = {"image": jnp.ones((2, 4, 8, 3))}
-        assert compiles.begin("image 2x4x8x3")
-        out = step(state, batch, rng)
         lines = []
+        assert compiles.begin("image 2x4x8x3", 5, lines.append)
+        out = step(state, batch, rng)
         compiles.end("image 2x4x8x3", 5, out, lines.append)
         compiles.close()
         text = capsys.readouterr().out + "\n".join(lines)
         assert expect in text, text
         assert compiles.recompiled == (lowered is g)
-        assert not compiles.begin("image 2x4x8x3")  # met: never again
+        assert not compiles.begin("image 2x4x8x3", 6, lines.append)  # met: never again
