@@ -331,7 +331,8 @@ def train_stage(config: Mapping, name: str, workdir: Path, prev_params: Path | N
     if step < st.total_steps:
         print(f"[{name}] compiling {'+'.join(st.kinds)} ...", flush=True)
     # Each batch shape (an aspect bucket, a latent grid) compiles the steps anew: the first here,
-    # the others ahead in background threads (or, unannounced, a pause of minutes mid-stage).
+    # the others ahead in background threads (compile_ahead=0: each when it arrives); a pause
+    # for one mid-stage is announced, since minutes without a word look like a hang.
     compiles = compile_ahead.StageCompiles(name, st.kinds, step_fns, compile_ahead.threads_for(
         int(config.compile_ahead), jax.process_count(), os.cpu_count()))
     pbar = metrics_lib.ProgressBar(st.total_steps, desc=name, initial=step,
