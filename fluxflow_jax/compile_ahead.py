@@ -24,6 +24,7 @@ compile in the loop, as before.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -33,24 +34,17 @@ import jax
 
 from fluxflow_jax import xla
 
-_BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _compiles_here = threading.local()  # backend compiles run on this thread (the listener's count)
 
 
 def _count_compile(event: str, duration_secs: float, **_: Any) -> None:
-    if event == _BACKEND_COMPILE_EVENT:
+    if event == xla.BACKEND_COMPILE_EVENT:
         _compiles_here.n = getattr(_compiles_here, "n", 0) + 1
 
 
-_listening = threading.Lock()
-_installed: list[bool] = []
-
-
+@functools.cache
 def _install_counter() -> None:
-    with _listening:
-        if not _installed:
-            jax.monitoring.register_event_duration_secs_listener(_count_compile)
-            _installed.append(True)
+    jax.monitoring.register_event_duration_secs_listener(_count_compile)
 
 
 def threads_for(setting: int, process_count: int, cpu_count: int | None) -> int:
@@ -102,7 +96,7 @@ class StageCompiles:
         self.recompiled = 0  # shapes compiled ahead whose first call compiled anyway
         self._ahead: dict[str, cf.Future] = {}
         self._pool: cf.ThreadPoolExecutor | None = None
-        self._open: tuple[float, dict | None, int] | None = None
+        self._open: tuple[float, float | None, int] | None = None
         _install_counter()
 
     def begin(self, shape: str, step: int, write: Callable[[str], None]) -> bool:
@@ -133,7 +127,7 @@ class StageCompiles:
         self.wait_s += waited
         again = done is not None and getattr(_compiles_here, "n", 0) > n0
         self.recompiled += again
-        self.compile_s[shape] = waited if done is None or again else done["seconds"]
+        self.compile_s[shape] = waited if done is None or again else done
         steps = "+".join(self.kinds)
         if len(self.compile_s) == 1:  # the convolution library is chosen here, for all shapes
             libs = {k: xla.convolution_choice(getattr(self.step_fns[k], "jitted", None))
@@ -143,7 +137,7 @@ class StageCompiles:
                   + (f" (CPU convolutions: {conv})" if conv else ""), flush=True)
             return
         how = (f"compiled {steps} in {waited:.1f} s" if done is None else
-               f"compiled {steps} ahead in {done['seconds']:.1f} s, waited {waited:.1f} s"
+               f"compiled {steps} ahead in {done:.1f} s, waited {waited:.1f} s"
                + (" (and compiled again here: the ahead program was not reused)" if again
                   else ""))
         write(f"[{self.name}] step {step}: new batch shape {shape}: {how} (shape "
@@ -176,11 +170,12 @@ class StageCompiles:
         for shape, spec in todo.items():
             self._ahead[shape] = self._pool.submit(self._compile, abstract, spec, rng)
 
-    def _compile(self, state: Any, batch: Mapping, rng: jax.Array) -> dict:
+    def _compile(self, state: Any, batch: Mapping, rng: jax.Array) -> float:
+        """Seconds it took to compile the steps for ``batch``'s shapes (in a pool thread)."""
         t0 = time.monotonic()
         for k in self.kinds:
             self.step_fns[k].lower(state, batch, rng).compile()
-        return {"seconds": time.monotonic() - t0}
+        return time.monotonic() - t0
 
     def extras(self) -> dict[str, float]:
         """What the metrics JSONL records of them."""

@@ -118,7 +118,7 @@ def once_options() -> dict[str, Any] | None:
 
 
 TRIM_AFTER_COMPILE_S = 0.5  # shorter compilations leave little heap; a trim costs milliseconds
-_BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax.monitoring
 
 
 @functools.cache
@@ -139,7 +139,7 @@ def release_compile_heap(event: str, duration_secs: float, **_: Any) -> None:
     """``jax.monitoring`` listener: after a backend compilation of at least
     ``TRIM_AFTER_COMPILE_S``, return the allocator's free pages to the OS (module doc)."""
     trim = _malloc_trim()
-    if event == _BACKEND_COMPILE_EVENT and duration_secs >= TRIM_AFTER_COMPILE_S and trim:
+    if event == BACKEND_COMPILE_EVENT and duration_secs >= TRIM_AFTER_COMPILE_S and trim:
         trim(0)
 
 
