@@ -18,7 +18,6 @@ Prints a table; writes ``benchmarks/results/compile_ahead.json``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -31,14 +30,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def _config(spec: str):
-    path, _, arg = spec.partition(":")
-    mod_spec = importlib.util.spec_from_file_location("bench_config", ROOT / path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    return mod.get_config(arg)
 
 
 def child(args: argparse.Namespace) -> dict:
@@ -57,7 +48,7 @@ def child(args: argparse.Namespace) -> dict:
     for i in range(per * len(buckets)):
         hw = tuple(buckets[i // per])
         Image.fromarray(shapes.render(shapes.scene(i), hw)).save(tmp / "f" / f"{i:06d}.png")
-    c = _config(args.config)
+    c = cd.load_config_file(args.config, ROOT)
     c.datasets = mlc.ConfigDict({"shapes": cd.dataset_config(
         **data, img_size=max(max(b) for b in buckets), resize_mode="bucket", buckets=buckets)})
     c.default_dataset = "shapes"

@@ -5,6 +5,8 @@ Config files compose these (``get_config(arg)``); all checking happens in
 """
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import ml_collections as mlc
@@ -138,3 +140,19 @@ def base_config() -> mlc.ConfigDict:
     c.plots = True
     c.tensorboard = True
     return c
+
+
+def load_config_file(spec: str, root: str | Path | None = None) -> Any:
+    """``get_config(arg)`` of a config file given as ``--config`` takes it, ``path.py[:arg]``
+    (``path`` under ``root`` when given), for the tools that read one outside the entry point."""
+    path, _, arg = spec.partition(":")
+    file = Path(root, path) if root is not None else Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--config: {path!r} is not a file (expected e.g. "
+                                "configs/phase1.py or configs/phase1.py:runlocal)")
+    mod_spec = importlib.util.spec_from_file_location(f"_fluxflow_cfg_{file.stem}", file)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise KeyError(f"--config {path}: the file defines no get_config(arg)")
+    return module.get_config(arg) if arg else module.get_config()

@@ -20,11 +20,10 @@ exit with code 2 and one message.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from fluxflow_jax import config_defaults as cd
 from fluxflow_jax import interop
 from fluxflow_jax.interop import lpips as lpips_interop
 
@@ -45,17 +44,7 @@ def load_model_section(spec: str) -> Any:
     The same file a training run is launched with, so the conversion and the run agree on the
     settings a checkpoint does not record.
     """
-    path, _, arg = spec.partition(":")
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"--config: {path!r} is not a file (expected e.g. "
-                                "configs/phase1.py or configs/phase1.py:runlocal)")
-    mod_spec = importlib.util.spec_from_file_location(f"_fluxflow_convert_cfg_{file.stem}", file)
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise KeyError(f"--config {path}: the file defines no get_config(arg)")
-    config = module.get_config(arg) if arg else module.get_config()
+    config = cd.load_config_file(spec)
     if "model" not in config:
         raise KeyError(f"--config {spec}: the config has no 'model' section")
     return config["model"]

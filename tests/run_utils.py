@@ -64,9 +64,5 @@ def rewound_copy(src: Path, dst: Path, stage: str, step: int) -> Path:
 def load_config(spec: str = "configs/demo.py:test"):
     """A shipped config as ``--config=path[:arg]`` reads it: ``get_config(arg)`` of the file
     ``path`` under the repository root (default: the demo at test size)."""
-    import importlib.util
-    path, _, arg = spec.partition(":")
-    mod_spec = importlib.util.spec_from_file_location("cfg_under_test", ROOT / path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    return mod.get_config(arg)
+    from fluxflow_jax.config_defaults import load_config_file
+    return load_config_file(spec, ROOT)
