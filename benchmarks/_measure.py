@@ -208,12 +208,27 @@ def write_partial(out: Path, rows: list[dict], failed: list[dict]) -> None:
     Path(str(out) + ".partial").write_text(json.dumps({"results": rows, "failed": failed}))
 
 
-def cpu_name() -> str:
-    """The CPU's model name (/proc/cpuinfo), for the table's machine line."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+def cpu_name(cpuinfo: str | None = None) -> str:
+    """The CPU's model name with its family/model and widest vector units (``/proc/cpuinfo``, or
+    ``cpuinfo`` given as text), for the table's machine line: two VMs both named "AMD EPYC" can be
+    a Zen 3 with AVX2 only and a Zen 4 with AVX-512, whose kernels and ratios differ."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return platform.processor() or "unknown CPU"
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        k, _, v = line.partition(":")
+        fields.setdefault(k.strip(), v.strip())
+    name = fields.get("model name") or platform.processor() or "unknown CPU"
+    flags = set(fields.get("flags", "").split())
+    widest = ("AVX-512" if "avx512f" in flags else "AVX2, no AVX-512" if "avx2" in flags
+              else "no AVX2")
+    units = [widest] + [u for u, flag in (("AVX-512 BF16", "avx512_bf16"), ("AMX", "amx_tile"))
+                        if flag in flags] if "flags" in fields else []  # x86 only
+    where = ", ".join(f"{k} {fields[k]}" for k in ("cpu family", "model") if k in fields)
+    extra = "; ".join(p for p in (where, ", ".join(units)) if p)
+    return f"{name} ({extra})" if extra else name
+
+

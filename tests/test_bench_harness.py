@@ -122,6 +122,18 @@ def test_floor_columns_join_the_table_only_when_measured():
     assert not vs_reference.parse_args([])[0].floor
 
 
+def test_machine_line_names_the_cpu_generation_and_its_vector_units():
+    """Two VMs both called "AMD EPYC" (a Zen 3 with AVX2, a Zen 4 with AVX-512) rank the
+    convolution libraries differently; the table's machine line tells them apart."""
+    zen3 = "model name\t: AMD EPYC\ncpu family\t: 25\nmodel\t\t: 1\nflags\t\t: fma avx2 bmi2\n"
+    zen4 = zen3.replace(": 1\n", ": 17\n").replace("bmi2", "bmi2 avx512f avx512_bf16")
+    xeon = "model name\t: Intel Xeon\nflags\t: avx2 avx512f avx512_bf16 amx_tile amx_bf16\n"
+    assert _measure.cpu_name(zen3) == "AMD EPYC (cpu family 25, model 1; AVX2, no AVX-512)"
+    assert _measure.cpu_name(zen4) == "AMD EPYC (cpu family 25, model 17; AVX-512, AVX-512 BF16)"
+    assert _measure.cpu_name(xeon) == "Intel Xeon (AVX-512, AVX-512 BF16, AMX)"
+    assert _measure.cpu_name("model name\t: Neoverse\nFeatures\t: neon\n") == "Neoverse"
+
+
 def test_step_peak_rss_leaves_out_an_earlier_transient_high_water_mark():
     import mmap
 
