@@ -212,21 +212,17 @@ def cpu_name(cpuinfo: str | None = None) -> str:
     """The CPU's model name with its family/model and widest vector units (``/proc/cpuinfo``, or
     ``cpuinfo`` given as text), for the table's machine line: two VMs both named "AMD EPYC" can be
     a Zen 3 with AVX2 only and a Zen 4 with AVX-512, whose kernels and ratios differ."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return platform.processor() or "unknown CPU"
-    fields: dict[str, str] = {}
-    for line in cpuinfo.splitlines():
-        k, _, v = line.partition(":")
-        fields.setdefault(k.strip(), v.strip())
+    from fluxflow_jax.conv_choice import cpu_fields  # what the library choice keys machines by
+
+    fields = cpu_fields(cpuinfo)
     name = fields.get("model name") or platform.processor() or "unknown CPU"
-    flags = set(fields.get("flags", "").split())
-    widest = ("AVX-512" if "avx512f" in flags else "AVX2, no AVX-512" if "avx2" in flags
-              else "no AVX2")
-    units = [widest] + [u for u, flag in (("AVX-512 BF16", "avx512_bf16"), ("AMX", "amx_tile"))
-                        if flag in flags] if "flags" in fields else []  # x86 only
+    units = []
+    if "flags" in fields:  # x86
+        flags = set(fields["flags"].split())
+        units.append("AVX-512" if "avx512f" in flags else
+                     "AVX2, no AVX-512" if "avx2" in flags else "no AVX2")
+        units += [u for u, f in (("AVX-512 BF16", "avx512_bf16"), ("AMX", "amx_tile"))
+                  if f in flags]
     where = ", ".join(f"{k} {fields[k]}" for k in ("cpu family", "model") if k in fields)
     extra = "; ".join(p for p in (where, ", ".join(units)) if p)
     return f"{name} ({extra})" if extra else name

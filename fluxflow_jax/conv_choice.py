@@ -49,18 +49,31 @@ MARGIN = 0.05
 _decided: dict[str, dict] = {}  # this process's decisions, by key
 
 
+CPU_FIELDS = ("model name", "cpu family", "model", "stepping", "flags", "Features")
+
+
+def cpu_fields(cpuinfo: str | None = None) -> dict[str, str]:
+    """The first value of each ``CPU_FIELDS`` key in ``/proc/cpuinfo`` (or in ``cpuinfo`` given
+    as its text); {} where there is no such file (not Linux)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return {}
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        k, _, v = line.partition(":")
+        if k.strip() in CPU_FIELDS:
+            fields.setdefault(k.strip(), v.strip())
+    return fields
+
+
 @functools.cache
 def machine_id() -> str:
     """The CPU as performance sees it: model, family/model/stepping, feature flags and the number
     of CPUs this process may use (``/proc/cpuinfo``; the platform string where there is none)."""
-    fields: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            k, _, v = line.partition(":")
-            k = k.strip()
-            if k in ("model name", "cpu family", "model", "stepping", "flags", "Features"):
-                fields.setdefault(k, v.strip())
-    except OSError:  # not Linux
+    fields = cpu_fields()
+    if not fields:  # not Linux
         import platform
         fields["platform"] = platform.processor() or platform.machine()
     try:
